@@ -16,7 +16,6 @@ PKI="$STATE/pki"
 CARGO_TARGET="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
 
 export GOFLAGS="${GOFLAGS:--mod=readonly}"
-export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod credentials;
 pub mod env;
+pub mod events;
 pub mod ip_pool;
 pub mod node;
 pub mod pod;
@@ -22,7 +23,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config, ResourceExt};
 use tokio::sync::watch;
@@ -90,13 +90,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         pods_dir,
         ips: Mutex::new(ip_pool::IpPool::new(args.pod_ip_octet)),
         services: view.services.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "matchfleet-node-agent".into(),
-                instance: Some(args.node_name.clone()),
-            },
-        ),
         host_ip: Ipv4Addr::LOCALHOST,
         ca_pem,
         cpus: facts.cpus,

@@ -13,9 +13,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodStatus, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -26,6 +25,7 @@ use tracing::{debug, info, warn};
 use super::config::{ImageEntry, ImageMap};
 use super::credentials::{self, PodCredentials};
 use super::env::{self, EnvSources};
+use super::events::{self, Severity};
 use super::ip_pool::IpPool;
 use super::probe::{self, ProbePlan, ProbeState};
 use super::process::{self, LaunchSpec, PidFile};
@@ -54,7 +54,6 @@ pub struct Agent {
     pub pods_dir: PathBuf,
     pub ips: Mutex<IpPool>,
     pub services: Store<Service>,
-    pub recorder: Recorder,
     pub host_ip: Ipv4Addr,
     pub ca_pem: Vec<u8>,
     pub cpus: u32,
@@ -601,8 +600,7 @@ impl Supervisor {
         self.status_dirty = true;
         if self.warned.as_deref() != Some(e.message.as_str()) {
             warn!(pod = %self.name(), reason = e.reason, retry = e.retry, "{}", e.message);
-            self.event(EventType::Warning, "Failed", "Prepare", &e.message)
-                .await;
+            self.spawn_event(Severity::Warning, "Failed", e.message.clone());
             self.warned = Some(e.message);
         }
     }
@@ -678,7 +676,7 @@ impl Supervisor {
                 info!(pod = %name, container = %slot.spec.name, pid, "started container");
                 let note = format!("Started container {} (pid {pid})", slot.spec.name);
                 self.status_dirty = true;
-                self.spawn_event(EventType::Normal, "Started", "Start", note);
+                self.spawn_event(Severity::Normal, "Started", note);
             }
             Err(e) => {
                 let message = format!("starting {:?}: {e}", launch.argv);
@@ -688,7 +686,7 @@ impl Supervisor {
                 slot.record.state = State::waiting("RunContainerError", Some(message.clone()));
                 slot.restart_at = Some(Instant::now() + backoff(slot.crashes));
                 self.status_dirty = true;
-                self.spawn_event(EventType::Warning, "Failed", "Start", message);
+                self.spawn_event(Severity::Warning, "Failed", message);
             }
         }
     }
@@ -745,7 +743,7 @@ impl Supervisor {
                 slot.spec.name
             );
             self.status_dirty = true;
-            self.spawn_event(EventType::Warning, "BackOff", "Restart", note);
+            self.spawn_event(Severity::Warning, "BackOff", note);
         } else {
             slot.record.state = terminated;
             self.status_dirty = true;
@@ -766,7 +764,7 @@ impl Supervisor {
                     self.status_dirty = true;
                     if !ready {
                         let note = format!("Readiness probe of {} failed", slot.spec.name);
-                        self.spawn_event(EventType::Warning, "Unhealthy", "Probe", note);
+                        self.spawn_event(Severity::Warning, "Unhealthy", note);
                     }
                 }
             }
@@ -785,7 +783,7 @@ impl Supervisor {
                         "Liveness probe of {} failed; container will be restarted",
                         self.slots[result.idx].spec.name
                     );
-                    self.spawn_event(EventType::Warning, "Unhealthy", "Probe", note);
+                    self.spawn_event(Severity::Warning, "Unhealthy", note);
                 }
             }
         }
@@ -802,7 +800,7 @@ impl Supervisor {
                 "Stopping containers with a grace period of {}s",
                 grace.as_secs()
             );
-            self.spawn_event(EventType::Normal, "Killing", "Kill", note);
+            self.spawn_event(Severity::Normal, "Killing", note);
         }
         for s in &mut self.slots {
             s.restart_at = None;
@@ -939,46 +937,17 @@ impl Supervisor {
         }
     }
 
-    async fn event(&self, type_: EventType, reason: &str, action: &str, note: &str) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self
-            .agent
-            .recorder
-            .publish(&event, &self.pod.object_ref(&()))
-            .await
-        {
-            debug!(error = %e, "publishing event failed");
-        }
-    }
-
     /// Events are best effort and must not hold up the supervisor.
-    fn spawn_event(
-        &self,
-        type_: EventType,
-        reason: &'static str,
-        action: &'static str,
-        note: String,
-    ) {
-        let agent = self.agent.clone();
-        let reference = self.pod.object_ref(&());
-        tokio::spawn(async move {
-            let event = Event {
-                type_,
-                reason: reason.into(),
-                note: Some(note.chars().take(1000).collect()),
-                action: action.into(),
-                secondary: None,
-            };
-            if let Err(e) = agent.recorder.publish(&event, &reference).await {
-                debug!(error = %e, "publishing event failed");
-            }
-        });
+    fn spawn_event(&self, severity: Severity, reason: &'static str, message: String) {
+        let event = events::pod_event(
+            &self.pod,
+            &self.agent.node_name,
+            severity,
+            reason,
+            &message,
+            Timestamp::now(),
+        );
+        tokio::spawn(events::record(self.agent.client.clone(), event));
     }
 
     fn cleanup(&mut self) {
