@@ -35,6 +35,10 @@ e2e:
 	$(CARGO) test -p matchfleet-e2e --tests
 	$(CARGO) test -p matchfleet-e2e --features cluster-down --test cluster_down
 
+## Regenerates crds/ from the Rust types (a test fails when they drift).
+generate:
+	$(CARGO) run -q -p matchfleet-api --bin crdgen
+
 cluster-up:
 	$(CLUSTER)/up
 

@@ -1,10 +1,26 @@
-//! The matchfleet worker. Its modes (progress, render, match) land with the
-//! RenderJob and MatchPipeline issues; today it reports its version and exits.
+use clap::{Parser, Subcommand};
 
-fn main() {
-    println!(
-        "matchfleet-worker {} ({}): no mode is built yet",
-        env!("CARGO_PKG_VERSION"),
-        matchfleet_api::API_GROUP
-    );
+#[derive(Parser)]
+#[command(
+    name = "matchfleet-worker",
+    version,
+    about = "matchfleet's worker: progress service and fleet modes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// The progress service: leases with epochs, task claims, completion records.
+    Progress(matchfleet_worker::progress::ProgressArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    matchfleet_worker::init_tracing();
+    match Cli::parse().mode {
+        Mode::Progress(args) => matchfleet_worker::progress::run(args).await,
+    }
 }
