@@ -101,8 +101,13 @@ pub struct ClaimRequest {
 pub enum ClaimResponse {
     /// Render it; this is attempt number `attempt` (from 1).
     Granted { attempt: u32 },
-    /// Already rendered and published: skip it (a duplicate prevented).
-    AlreadyDone,
+    /// Already rendered: skip it (a duplicate prevented). `staged` is the
+    /// accepted output; if it still exists, its publication was interrupted
+    /// and the caller finishes it (an atomic rename, so only one can).
+    AlreadyDone {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        staged: Option<String>,
+    },
     /// Already failed for good: skip it.
     AlreadyFailed,
     /// Another live lease holder is rendering it: skip it for now.
@@ -122,6 +127,11 @@ pub struct CompleteRequest {
     pub slot: String,
     /// The message's timestamp (ms since the epoch), for event-to-done latency.
     pub event_time_millis: i64,
+    /// Where the render's staged output is. Recorded with the completion, so
+    /// whoever meets the task next can finish publishing it if this worker
+    /// dies between acceptance and publication (roll forward).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -129,8 +139,13 @@ pub struct CompleteRequest {
 pub enum CompleteResponse {
     /// Recorded durably: publish the output now. This answer is the fencing token.
     Accepted,
-    /// Someone already completed it: discard the output.
-    AlreadyDone,
+    /// Already completed: discard this output, but finish publishing
+    /// `staged` (the accepted one) if it still exists - it may be this very
+    /// render, accepted on a call whose answer was lost.
+    AlreadyDone {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        staged: Option<String>,
+    },
     /// The lease moved on: discard the output, commit nothing more.
     Fenced { current_epoch: u64 },
 }

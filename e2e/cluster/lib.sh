@@ -14,6 +14,13 @@ LOGS="$STATE/logs"
 PIDS="$STATE/pids"
 PKI="$STATE/pki"
 CARGO_TARGET="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
+# Pod sandboxes and image copies: non-root pods must be able to enter it,
+# which a checkout under a private home folder does not allow.
+if [ "$(id -u)" = 0 ]; then
+  SANDBOX="${MATCHFLEET_SANDBOX_DIR:-/var/lib/matchfleet-node}"
+else
+  SANDBOX="${MATCHFLEET_SANDBOX_DIR:-$STATE/node}"
+fi
 
 export GOFLAGS="${GOFLAGS:--mod=readonly}"
 

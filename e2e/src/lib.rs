@@ -1,6 +1,7 @@
 //! matchfleet's local cluster support: the node agent that runs pods as local
 //! processes, small programs the tests deploy, and helpers for the e2e tests.
 
+pub mod fleetkit;
 pub mod http;
 pub mod node_agent;
 pub mod testkit;

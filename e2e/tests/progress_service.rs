@@ -136,6 +136,7 @@ fn complete(key: &str, slot: &str, partition: i32, epoch: u64) -> CompleteReques
         epoch,
         slot: slot.into(),
         event_time_millis: 0,
+        staged: None,
     }
 }
 
@@ -205,7 +206,7 @@ async fn leases_claims_and_completions_survive_a_restart_and_fence_a_zombie() {
     .await;
     assert_eq!(a, CompleteResponse::Accepted);
     let d: ClaimResponse = call(svc.addr, "POST", "/claims", &claim("k1", "w-1", 1, 1)).await;
-    assert_eq!(d, ClaimResponse::AlreadyDone);
+    assert_eq!(d, ClaimResponse::AlreadyDone { staged: None });
 
     // k2 fails twice: with maxAttempts 2 that is final.
     let fail = FailRequest {
@@ -234,7 +235,7 @@ async fn leases_claims_and_completions_survive_a_restart_and_fence_a_zombie() {
     let d: ClaimResponse = call(svc.addr, "POST", "/claims", &claim("k1", "w-0", 0, 1)).await;
     assert_eq!(
         d,
-        ClaimResponse::AlreadyDone,
+        ClaimResponse::AlreadyDone { staged: None },
         "a done task is never rendered again"
     );
     let r: HeartbeatResponse = call(svc.addr, "POST", "/heartbeat", &beat("w-1", &[(1, 1)])).await;

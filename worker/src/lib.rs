@@ -1,7 +1,10 @@
-//! The matchfleet worker: the progress service, and (next) the render and
-//! match modes that run on the fleet.
+//! The matchfleet worker: the progress service, the fleet member machinery
+//! (leases, heartbeats) and the modes that run on it (render; match next).
 
+pub mod fleet;
+pub mod health;
 pub mod progress;
+pub mod render;
 
 use std::net::IpAddr;
 

@@ -15,6 +15,8 @@ struct Cli {
 enum Mode {
     /// The progress service: leases with epochs, task claims, completion records.
     Progress(matchfleet_worker::progress::ProgressArgs),
+    /// Render mode: run a command once per message of the leased partitions.
+    Render(matchfleet_worker::render::RenderArgs),
 }
 
 #[tokio::main]
@@ -22,5 +24,6 @@ async fn main() -> anyhow::Result<()> {
     matchfleet_worker::init_tracing();
     match Cli::parse().mode {
         Mode::Progress(args) => matchfleet_worker::progress::run(args).await,
+        Mode::Render(args) => matchfleet_worker::render::run(args).await,
     }
 }

@@ -23,6 +23,11 @@ pub struct Args {
     /// Folder for pod logs, service-account credentials and pid files.
     #[arg(long)]
     pub state_dir: PathBuf,
+    /// Folder for pod sandboxes (working folder, credentials) and image copies
+    /// for non-root containers; every user a pod runs as must be able to enter
+    /// it. Defaults to the state folder.
+    #[arg(long)]
+    pub sandbox_dir: Option<PathBuf>,
     /// The cluster's Service range, where ClusterIPs are allocated; the node agent
     /// proxies those addresses (they are on loopback here).
     #[arg(long, default_value = "127.96.0.0/16")]

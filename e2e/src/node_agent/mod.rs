@@ -7,6 +7,7 @@ pub mod config;
 pub mod credentials;
 pub mod env;
 pub mod events;
+pub mod image_store;
 pub mod ip_pool;
 pub mod node;
 pub mod pod;
@@ -48,10 +49,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let range = Cidr::parse(&args.service_cidr)?;
     let logs_dir = args.state_dir.join("logs");
     let pids_dir = args.state_dir.join("pids");
-    let pods_dir = args.state_dir.join("pods");
+    let sandbox_dir = args.sandbox_dir.clone().unwrap_or(args.state_dir.clone());
+    let pods_dir = sandbox_dir.join("pods");
     for dir in [&logs_dir, &pids_dir, &pods_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let image_store = image_store::ImageStore::new(sandbox_dir.join("images"))
+        .with_context(|| format!("creating {}/images", sandbox_dir.display()))?;
     let killed = process::kill_leftovers(&pids_dir);
     if killed > 0 {
         warn!(killed, "killed pod processes left by a previous agent");
@@ -88,6 +92,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         logs_dir,
         pids_dir,
         pods_dir,
+        image_store,
         ips: Mutex::new(ip_pool::IpPool::new(args.pod_ip_octet)),
         services: view.services.clone(),
         host_ip: Ipv4Addr::LOCALHOST,

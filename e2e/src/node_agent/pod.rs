@@ -52,6 +52,7 @@ pub struct Agent {
     pub logs_dir: PathBuf,
     pub pids_dir: PathBuf,
     pub pods_dir: PathBuf,
+    pub image_store: super::image_store::ImageStore,
     pub ips: Mutex<IpPool>,
     pub services: Store<Service>,
     pub host_ip: Ipv4Addr,
@@ -429,7 +430,7 @@ impl Supervisor {
                     None => vars.push((k, v)),
                 }
             }
-            let argv = argv_for(&slot.spec, &entry, &vars);
+            let mut argv = argv_for(&slot.spec, &entry, &vars);
             let sc = slot.spec.security_context.as_ref();
             let uid = sc
                 .and_then(|s| s.run_as_user)
@@ -450,6 +451,19 @@ impl Supervisor {
                     ),
                     retry: false,
                 });
+            }
+            if uid.is_some_and(|u| u != 0) && nix::unistd::geteuid().is_root() {
+                if let Some(program) = argv.first_mut() {
+                    *program = self
+                        .agent
+                        .image_store
+                        .readable(program)
+                        .map_err(|e| NotReady {
+                            reason: "ErrImagePull",
+                            message: format!("copying {program} for a non-root container: {e}"),
+                            retry: true,
+                        })?;
+                }
             }
             let working_dir = slot
                 .spec
@@ -657,6 +671,9 @@ impl Supervisor {
                 let exits = self.exits_tx.clone();
                 tokio::spawn(async move {
                     let status = child.wait().await;
+                    // When a container's main process ends, a runtime ends the
+                    // whole container: no child (a render) outlives it.
+                    process::signal_group(pid, Signal::SIGKILL);
                     let (code, signal) = match status {
                         Ok(s) => {
                             use std::os::unix::process::ExitStatusExt;
@@ -931,7 +948,7 @@ impl Supervisor {
             }
             Err(kube::Error::Api(e)) if e.code == 404 => self.status_dirty = false,
             Err(e) => {
-                debug!(pod = %self.name(), error = %e, "status patch failed; retrying");
+                warn!(pod = %self.name(), error = %e, "status patch failed; retrying");
                 self.status_dirty = true;
             }
         }

@@ -237,7 +237,8 @@ pub fn pod_status(view: &PodView, previous: Option<&PodStatus>, now: Timestamp) 
         ),
         reason: view.reason.as_ref().map(|(r, _)| r.clone()),
         message: view.reason.as_ref().map(|(_, m)| m.clone()),
-        qos_class: Some("BestEffort".to_string()),
+        // The API server sets the QoS class at creation and it is immutable.
+        qos_class: None,
         ..Default::default()
     }
 }

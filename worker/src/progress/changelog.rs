@@ -58,9 +58,19 @@ pub enum Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "camelCase")]
 pub enum TaskState {
-    Done { lane: String, latency_millis: u64 },
-    Failed { attempts: u32, reason: String },
-    Attempts { attempts: u32 },
+    Done {
+        lane: String,
+        latency_millis: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        staged: Option<String>,
+    },
+    Failed {
+        attempts: u32,
+        reason: String,
+    },
+    Attempts {
+        attempts: u32,
+    },
 }
 
 impl Entry {
@@ -78,9 +88,11 @@ impl Entry {
             TaskRecord::Done {
                 lane,
                 latency_millis,
+                staged,
             } => TaskState::Done {
                 lane: lane.clone(),
                 latency_millis: *latency_millis,
+                staged: staged.clone(),
             },
             TaskRecord::Failed { attempts, reason } => TaskState::Failed {
                 attempts: *attempts,
@@ -114,9 +126,11 @@ impl From<TaskState> for TaskRecord {
             TaskState::Done {
                 lane,
                 latency_millis,
+                staged,
             } => TaskRecord::Done {
                 lane,
                 latency_millis,
+                staged,
             },
             TaskState::Failed { attempts, reason } => TaskRecord::Failed { attempts, reason },
             TaskState::Attempts { attempts } => TaskRecord::Attempts { attempts },
@@ -268,6 +282,7 @@ mod tests {
                 &TaskRecord::Done {
                     lane: "live".into(),
                     latency_millis: 12,
+                    staged: Some("/out/.staging/k".into()),
                 },
             ),
             Entry::Assignment {

@@ -17,6 +17,8 @@ pub enum TaskRecord {
     Done {
         lane: String,
         latency_millis: u64,
+        /// The accepted staged output, for roll-forward publication.
+        staged: Option<String>,
     },
     Failed {
         attempts: u32,
@@ -79,6 +81,7 @@ impl TaskTable {
             TaskRecord::Done {
                 lane,
                 latency_millis,
+                ..
             } => {
                 self.done += 1;
                 *self.done_by_lane.entry(lane.clone()).or_default() += 1;
@@ -108,9 +111,11 @@ impl TaskTable {
             };
         }
         match self.records.get(&req.key) {
-            Some(TaskRecord::Done { .. }) => {
+            Some(TaskRecord::Done { staged, .. }) => {
                 self.duplicates_prevented += 1;
-                return ClaimResponse::AlreadyDone;
+                return ClaimResponse::AlreadyDone {
+                    staged: staged.clone(),
+                };
             }
             Some(TaskRecord::Failed { .. }) => return ClaimResponse::AlreadyFailed,
             _ => {}
@@ -152,8 +157,10 @@ impl TaskTable {
         leases: &LeaseTable,
         now: u64,
     ) -> Result<TaskRecord, CompleteResponse> {
-        if matches!(self.records.get(&req.key), Some(TaskRecord::Done { .. })) {
-            return Err(CompleteResponse::AlreadyDone);
+        if let Some(TaskRecord::Done { staged, .. }) = self.records.get(&req.key) {
+            return Err(CompleteResponse::AlreadyDone {
+                staged: staged.clone(),
+            });
         }
         if !leases.is_current(&req.lane, req.partition, &req.slot, req.epoch, now) {
             return Err(CompleteResponse::Fenced {
@@ -164,6 +171,7 @@ impl TaskTable {
         Ok(TaskRecord::Done {
             lane: req.lane.clone(),
             latency_millis: latency,
+            staged: req.staged.clone(),
         })
     }
 
@@ -309,6 +317,7 @@ mod tests {
             epoch,
             slot: slot.into(),
             event_time_millis: 0,
+            staged: None,
         }
     }
 
@@ -327,11 +336,11 @@ mod tests {
         assert_eq!(tasks.done(), 1);
         assert_eq!(
             tasks.claim(&claim("u1", "a", 1), &leases, 60),
-            ClaimResponse::AlreadyDone
+            ClaimResponse::AlreadyDone { staged: None }
         );
         assert_eq!(
             tasks.complete(&complete("u1", "a", 1), &leases, 70),
-            Err(CompleteResponse::AlreadyDone)
+            Err(CompleteResponse::AlreadyDone { staged: None })
         );
         assert_eq!(tasks.duplicates_prevented, 1);
         assert_eq!(tasks.percentile(99.0), Some(50));
@@ -463,6 +472,7 @@ mod tests {
             TaskRecord::Done {
                 lane: "live".into(),
                 latency_millis: 150,
+                staged: None,
             },
         );
         tasks.restore(
@@ -470,6 +480,7 @@ mod tests {
             TaskRecord::Done {
                 lane: "live".into(),
                 latency_millis: 150,
+                staged: None,
             },
         );
         assert_eq!(tasks.done(), 1);

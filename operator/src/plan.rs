@@ -1,0 +1,1014 @@
+//! Plan: a pure function from a RenderJob and what was observed to what to
+//! do (objects to apply, pods to create and delete, the assignment to send)
+//! and the status to write. No I/O here, so every rule is unit-tested.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use kube::ResourceExt;
+use matchfleet_api::fleet::condition::{DEGRADED, PROGRESSING, READY};
+use matchfleet_api::fleet::{workers_column, Condition, LaneStatus, WorkerSpec};
+use matchfleet_api::progress::Assignment;
+use matchfleet_api::{RenderJob, RenderJobStatus};
+
+use crate::assign;
+use crate::conditions::{self, Want};
+use crate::duration::format_millis;
+use crate::kafka::TopicState;
+use crate::names::{self, COLOR_BLUE, LANE_LIVE};
+use crate::observe::{Observed, WorkerPod};
+use crate::resources::{self, Owner};
+
+/// Requeue while something is moving (lag, pods starting, not ready): the
+/// status counters come from polling the progress service.
+pub const REQUEUE_BUSY: Duration = Duration::from_secs(3);
+/// Requeue when caught up (or paused).
+pub const REQUEUE_IDLE: Duration = Duration::from_secs(10);
+/// Requeue of a RenderJob that cannot be served until it changes.
+pub const REQUEUE_INVALID: Duration = Duration::from_secs(60);
+
+/// An Event the plan asks for (Events about actions are sent by `act` once
+/// the action succeeded).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+    /// A second object the event is about (the pod of `CreatedWorker`).
+    /// Events that differ only here stay separate Events rather than being
+    /// folded into one series with the first one's message.
+    pub related: Option<ObjectReference>,
+}
+
+impl PlannedEvent {
+    pub fn normal(reason: &'static str, note: String) -> Self {
+        PlannedEvent {
+            warning: false,
+            reason,
+            note,
+            related: None,
+        }
+    }
+    pub fn warning(reason: &'static str, note: String) -> Self {
+        PlannedEvent {
+            warning: true,
+            reason,
+            note,
+            related: None,
+        }
+    }
+
+    /// The same event, about `related` too.
+    pub fn about(mut self, related: ObjectReference) -> Self {
+        self.related = Some(related);
+        self
+    }
+}
+
+/// What one reconcile does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The progress service to server-side apply (`None` when paused or invalid).
+    pub progress: Option<(Deployment, Service)>,
+    pub create: Vec<Pod>,
+    /// Pod names to delete.
+    pub delete: Vec<String>,
+    /// What to `PUT /assignment` (`None` when paused or unknown).
+    pub assignment: Option<Assignment>,
+    pub status: RenderJobStatus,
+    pub events: Vec<PlannedEvent>,
+    pub requeue: Duration,
+}
+
+/// Live lane replicas until autoscaling: `clamp(partitions, min, max)`,
+/// never more than the partitions, none without a topic.
+pub fn desired_replicas(workers: &WorkerSpec, partitions: i32) -> i32 {
+    if partitions <= 0 {
+        return 0;
+    }
+    workers
+        .min_replicas
+        .max(0)
+        .max(workers.max_replicas.min(partitions))
+        .min(partitions)
+}
+
+/// What to do about the worker pods of the live lane.
+#[derive(Debug, Default, PartialEq)]
+struct PodActions {
+    create: Vec<i32>,
+    delete: Vec<String>,
+    /// Pods are being created, replaced or removed.
+    rolling: bool,
+}
+
+/// Create every missing slot at once; delete at most one pod per reconcile:
+/// a finished pod, else an extra one (highest slot first), else an outdated
+/// one that is not ready, else an outdated ready one, but only once every
+/// other slot is ready and nothing else is starting or stopping (a rolling
+/// replacement with at most one slot down).
+fn pod_actions(job: &str, pods: &[WorkerPod], desired: i32, hash: &str) -> PodActions {
+    let present: BTreeSet<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+    let create: Vec<i32> = (0..desired)
+        .filter(|&i| {
+            !present.contains(names::worker_pod_name(job, LANE_LIVE, COLOR_BLUE, i).as_str())
+        })
+        .collect();
+
+    let running: Vec<&WorkerPod> = pods.iter().filter(|p| !p.terminating).collect();
+    let terminating = pods.iter().any(|p| p.terminating);
+    let is_extra = |p: &WorkerPod| p.slot.is_none_or(|s| s >= desired);
+    let mut extra: Vec<&WorkerPod> = running.iter().copied().filter(|p| is_extra(p)).collect();
+    // Names that are not slots first, then the highest slot.
+    extra.sort_by_key(|p| (p.slot.is_some(), std::cmp::Reverse(p.slot)));
+    let mut kept: Vec<&WorkerPod> = running.iter().copied().filter(|p| !is_extra(p)).collect();
+    kept.sort_by_key(|p| p.slot);
+    let finished: Vec<&WorkerPod> = kept.iter().copied().filter(|p| p.finished).collect();
+    let outdated: Vec<&WorkerPod> = kept
+        .iter()
+        .copied()
+        .filter(|p| !p.finished && p.template_hash.as_deref() != Some(hash))
+        .collect();
+    let all_ready = kept.len() == desired as usize && kept.iter().all(|p| p.ready);
+
+    let delete = finished
+        .first()
+        .or(extra.first())
+        .or(outdated.iter().find(|p| !p.ready))
+        .or(outdated
+            .first()
+            .filter(|_| all_ready && !terminating && create.is_empty()))
+        .map(|p| vec![p.name.clone()])
+        .unwrap_or_default();
+    let rolling = !create.is_empty()
+        || !delete.is_empty()
+        || terminating
+        || !extra.is_empty()
+        || !finished.is_empty()
+        || !outdated.is_empty();
+    PodActions {
+        create,
+        delete,
+        rolling,
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn reason_of<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a str> {
+    conditions::find(conds, type_).map(|c| c.reason.as_str())
+}
+
+/// The plan for a RenderJob that can be served.
+pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
+    let spec = &job.spec;
+    let name = owner.name.as_str();
+    let prev = job.status.clone().unwrap_or_default();
+    let paused = names::is_paused(job.annotations());
+    let generation = job.metadata.generation;
+    let now = conditions::rfc3339(obs.now);
+
+    // Partitions and lag. When Kafka is unreachable, the last known partition
+    // count keeps the fleet as it is rather than scaling it to nothing.
+    let (partitions, lag) = match &obs.kafka.topic {
+        TopicState::Found { partitions } => (Some(*partitions), obs.kafka.lag.unwrap_or(prev.lag)),
+        TopicState::NotFound => (Some(0), 0),
+        TopicState::Unreachable { .. } => {
+            ((prev.partitions > 0).then_some(prev.partitions), prev.lag)
+        }
+    };
+    let desired = partitions.map(|p| desired_replicas(&spec.workers, p));
+    let replicas = desired.unwrap_or(prev.live.replicas);
+    let hash = resources::worker_template_hash(owner, spec);
+
+    let actions = match desired {
+        Some(d) if !paused => pod_actions(name, &obs.pods, d, &hash),
+        _ => PodActions::default(),
+    };
+    let ready_replicas = obs
+        .pods
+        .iter()
+        .filter(|p| p.ready && !p.terminating && p.slot.is_some_and(|s| s < replicas))
+        .count() as i32;
+
+    // Assignment over the desired slots, sticky to the last one sent.
+    let slots = match (paused, partitions, desired) {
+        (false, Some(p), Some(d)) => Some(assign::assign(
+            p,
+            d,
+            &assign::from_status(&prev.live.assignment),
+        )),
+        _ => None,
+    };
+    let assignment = slots.as_ref().map(|a| Assignment {
+        lanes: BTreeMap::from([(
+            LANE_LIVE.to_string(),
+            a.iter()
+                .map(|(p, s)| (*p, names::worker_pod_name(name, LANE_LIVE, COLOR_BLUE, *s)))
+                .collect(),
+        )]),
+        drain_millis: resources::drain_millis(spec),
+    });
+
+    // Counters: the last known values while the progress service does not
+    // answer, and the totals never go backwards.
+    let ps = obs.progress.status.as_ref();
+    let total = |prev: i64, new: Option<u64>| new.map_or(prev, |n| prev.max(to_i64(n)));
+    let done = total(prev.done, ps.map(|s| s.done));
+    let failed = total(prev.failed, ps.map(|s| s.failed));
+    let duplicates_prevented = total(
+        prev.duplicates_prevented,
+        ps.map(|s| s.duplicates_prevented),
+    );
+    let slo_breaches = total(prev.slo_breaches, ps.map(|s| s.slo_breaches));
+    let in_flight = ps.map_or(prev.in_flight, |s| to_i64(s.in_flight));
+    let p50 = ps
+        .and_then(|s| s.latency_p50_millis)
+        .map(format_millis)
+        .or(prev.p50.clone());
+    let p99 = ps
+        .and_then(|s| s.latency_p99_millis)
+        .map(format_millis)
+        .or(prev.p99.clone());
+
+    // Conditions.
+    let bootstrap = &spec.source.bootstrap_servers;
+    let topic_missing = format!(
+        "topic {} not found on bootstrap servers {bootstrap}; create it or fix spec.source.topic",
+        spec.source.topic
+    );
+    let kafka_error_seen = matches!(obs.kafka.topic, TopicState::Unreachable { .. });
+    let kafka_error = match &obs.kafka.topic {
+        TopicState::Unreachable { error } => Some(format!(
+            "cannot reach Kafka at {bootstrap}: {error}; check spec.source.bootstrapServers and the brokers"
+        )),
+        _ => None,
+    };
+    let progress_ready = obs.progress.ready_replicas >= 1 && ps.is_some();
+    let progress_name = names::progress_name(name);
+    let progress_problem = if !obs.progress.deployment_exists {
+        format!("progress service {progress_name} is being created")
+    } else if obs.progress.ready_replicas < 1 {
+        format!(
+            "progress service {progress_name} has no ready pod; see kubectl get pods -l {}={name},app.kubernetes.io/component=progress",
+            names::RENDERJOB
+        )
+    } else {
+        format!(
+            "progress service {progress_name} does not answer: {}",
+            obs.progress.error.as_deref().unwrap_or("no status")
+        )
+    };
+    let topic_not_found = obs.kafka.topic == TopicState::NotFound;
+
+    let ready = if topic_not_found {
+        Want::new(READY, false, "TopicNotFound", topic_missing.clone())
+    } else if let Some(e) = &kafka_error {
+        Want::new(READY, false, "KafkaUnreachable", e.clone())
+    } else if !progress_ready {
+        Want::new(READY, false, "ProgressServiceNotReady", progress_problem)
+    } else if ready_replicas < replicas {
+        Want::new(
+            READY,
+            false,
+            "WorkersNotReady",
+            format!(
+                "{ready_replicas}/{replicas} workers ready; see kubectl get pods -l {}={name}",
+                names::RENDERJOB
+            ),
+        )
+    } else {
+        Want::new(
+            READY,
+            true,
+            "AllWorkersReady",
+            format!("{ready_replicas}/{replicas} workers ready; progress service ready"),
+        )
+    };
+
+    let progressing = if paused {
+        Want::new(
+            PROGRESSING,
+            false,
+            "Paused",
+            format!(
+                "paused by annotation {}=true; remove it to resume",
+                names::PAUSED
+            ),
+        )
+    } else if lag > 0 || actions.rolling {
+        let mut what = Vec::new();
+        if lag > 0 {
+            what.push(format!("lag {lag} messages"));
+        }
+        if !actions.create.is_empty() {
+            what.push(format!("creating {} worker pods", actions.create.len()));
+        }
+        if actions.rolling && actions.create.is_empty() {
+            what.push("replacing or removing worker pods".to_string());
+        }
+        Want::new(PROGRESSING, true, "Rendering", what.join("; "))
+    } else {
+        Want::new(
+            PROGRESSING,
+            false,
+            "CaughtUp",
+            format!("no lag; {replicas} workers up to date"),
+        )
+    };
+
+    let mut restarting = obs
+        .pods
+        .iter()
+        .filter(|p| !p.terminating)
+        .filter_map(|p| p.restarting.as_deref());
+    let degraded = if topic_not_found {
+        Want::new(DEGRADED, true, "TopicNotFound", topic_missing.clone())
+    } else if let Some(e) = kafka_error {
+        Want::new(DEGRADED, true, "KafkaUnreachable", e)
+    } else if let Some(first) = restarting.next() {
+        let more = restarting.count();
+        let tail = if more > 0 {
+            format!(" (and {more} more pods)")
+        } else {
+            String::new()
+        };
+        Want::new(DEGRADED, true, "WorkerRestarting", format!("{first}{tail}"))
+    } else if failed > 0 {
+        Want::new(
+            DEGRADED,
+            true,
+            "TasksFailed",
+            format!(
+                "{failed} tasks failed after maxAttempts ({}); see events",
+                spec.render.max_attempts
+            ),
+        )
+    } else {
+        Want::new(
+            DEGRADED,
+            false,
+            "AsExpected",
+            "no failed tasks; workers running",
+        )
+    };
+
+    // Events about what changed since the last status.
+    let mut events = Vec::new();
+    if topic_not_found && reason_of(&prev.conditions, READY) != Some("TopicNotFound") {
+        events.push(PlannedEvent::warning("TopicNotFound", topic_missing));
+    }
+    if failed > prev.failed {
+        events.push(PlannedEvent::warning(
+            "TasksFailed",
+            format!(
+                "{failed} tasks failed after maxAttempts ({} new)",
+                failed - prev.failed
+            ),
+        ));
+    }
+    let was_paused = reason_of(&prev.conditions, PROGRESSING) == Some("Paused");
+    if paused && !was_paused {
+        events.push(PlannedEvent::normal(
+            "Paused",
+            "paused: no changes to workers or assignment until the annotation is removed"
+                .to_string(),
+        ));
+    } else if !paused && was_paused {
+        events.push(PlannedEvent::normal("Resumed", "resumed".to_string()));
+    }
+
+    // Poll fast while things move or are about to (pods starting, the
+    // progress service coming up); a missing topic or an unreachable Kafka
+    // is waited out at the idle pace.
+    let waiting_on_kafka = topic_not_found || kafka_error_seen;
+    let busy = progressing.status || (!ready.status && !waiting_on_kafka);
+    let conds = [ready, progressing, degraded]
+        .into_iter()
+        .map(|w| conditions::build(&prev.conditions, w, generation, &now))
+        .collect();
+
+    let status = RenderJobStatus {
+        observed_generation: generation,
+        conditions: conds,
+        workers: workers_column(ready_replicas, replicas),
+        partitions: partitions.unwrap_or(prev.partitions),
+        lag,
+        done,
+        failed,
+        in_flight,
+        duplicates_prevented,
+        p50,
+        p99,
+        slo_breaches,
+        live: LaneStatus {
+            ready_replicas,
+            replicas,
+            partitions: partitions.unwrap_or(prev.partitions),
+            lag,
+            assignment: slots
+                .as_ref()
+                .map(assign::to_status)
+                .unwrap_or(prev.live.assignment.clone()),
+        },
+        // The backlog lane is not built yet: whatever is there stays.
+        backlog: prev.backlog.clone(),
+    };
+
+    Plan {
+        progress: (!paused).then(|| {
+            (
+                resources::progress_deployment(owner, spec),
+                resources::progress_service(owner),
+            )
+        }),
+        create: actions
+            .create
+            .iter()
+            .map(|&i| resources::worker_pod(owner, spec, i, &hash))
+            .collect(),
+        delete: actions.delete,
+        assignment,
+        status,
+        events,
+        requeue: if !paused && busy {
+            REQUEUE_BUSY
+        } else {
+            REQUEUE_IDLE
+        },
+    }
+}
+
+/// The plan for a RenderJob that cannot be served (its name): only a status
+/// that says why, and a Warning the first time.
+pub fn invalid(job: &RenderJob, message: &str, now: k8s_openapi::jiff::Timestamp) -> Plan {
+    let prev = job.status.clone().unwrap_or_default();
+    let generation = job.metadata.generation;
+    let now = conditions::rfc3339(now);
+    const REASON: &str = "InvalidName";
+    let mut events = Vec::new();
+    if reason_of(&prev.conditions, READY) != Some(REASON) {
+        events.push(PlannedEvent::warning(REASON, message.to_string()));
+    }
+    let conds = [
+        Want::new(READY, false, REASON, message),
+        Want::new(PROGRESSING, false, REASON, message),
+        Want::new(DEGRADED, true, REASON, message),
+    ]
+    .into_iter()
+    .map(|w| conditions::build(&prev.conditions, w, generation, &now))
+    .collect();
+    Plan {
+        progress: None,
+        create: Vec::new(),
+        delete: Vec::new(),
+        assignment: None,
+        status: RenderJobStatus {
+            observed_generation: generation,
+            conditions: conds,
+            ..prev
+        },
+        events,
+        requeue: REQUEUE_INVALID,
+    }
+}
+
+/// Replaces a planned condition with what acting found out (the plan
+/// assumed its actions would succeed).
+fn set_condition(
+    status: &mut RenderJobStatus,
+    previous: &[Condition],
+    want: Want,
+    now: k8s_openapi::jiff::Timestamp,
+) {
+    let generation = status.observed_generation;
+    let type_ = want.type_;
+    let cond = conditions::build(previous, want, generation, &conditions::rfc3339(now));
+    if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == type_) {
+        *c = cond;
+    }
+}
+
+/// The PUT of the assignment failed: Ready says so (when nothing more
+/// actionable already made it False).
+pub fn assignment_failed(
+    status: &mut RenderJobStatus,
+    previous: &[Condition],
+    job: &str,
+    error: &str,
+    now: k8s_openapi::jiff::Timestamp,
+) {
+    let ready = conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True");
+    if !ready {
+        return;
+    }
+    let want = Want::new(
+        READY,
+        false,
+        "ProgressServiceNotReady",
+        format!(
+            "progress service {} did not accept the assignment: {error}",
+            names::progress_name(job)
+        ),
+    );
+    set_condition(status, previous, want, now);
+}
+
+/// The API server refused a worker pod (an invalid `spec.workers.env` or
+/// `resources`, a quota, a policy): Degraded says which and why, because
+/// retrying will not help until something changes.
+pub fn worker_refused(
+    status: &mut RenderJobStatus,
+    previous: &[Condition],
+    pod: &str,
+    error: &str,
+    now: k8s_openapi::jiff::Timestamp,
+) {
+    let want = Want::new(
+        DEGRADED,
+        true,
+        "WorkerCreateFailed",
+        format!("cannot create worker pod {pod}: {error}; check spec.workers and the namespace's quotas and policies"),
+    );
+    set_condition(status, previous, want, now);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::KafkaObservation;
+    use crate::observe::ProgressObservation;
+    use crate::resources::tests::job;
+    use k8s_openapi::jiff::Timestamp;
+    use matchfleet_api::progress::ProgressStatus;
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    fn hash(j: &RenderJob) -> String {
+        resources::worker_template_hash(&Owner::of(j).unwrap(), &j.spec)
+    }
+
+    fn pod(j: &RenderJob, slot: i32) -> WorkerPod {
+        WorkerPod {
+            name: names::worker_pod_name("demo", "live", "blue", slot),
+            slot: Some(slot),
+            template_hash: Some(hash(j)),
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    fn progress_ok(done: u64, failed: u64) -> ProgressObservation {
+        ProgressObservation {
+            deployment_exists: true,
+            ready_replicas: 1,
+            status: Some(ProgressStatus {
+                done,
+                failed,
+                in_flight: 2,
+                duplicates_prevented: 1,
+                slo_breaches: 0,
+                latency_p50_millis: Some(850),
+                latency_p99_millis: Some(2_300),
+                ..Default::default()
+            }),
+            error: None,
+        }
+    }
+
+    fn observed(partitions: i32, lag: i64, pods: Vec<WorkerPod>) -> Observed {
+        Observed {
+            now: now(),
+            pods,
+            progress: progress_ok(10, 0),
+            kafka: KafkaObservation {
+                topic: TopicState::Found { partitions },
+                lag: Some(lag),
+            },
+        }
+    }
+
+    fn run(j: &RenderJob, obs: &Observed) -> Plan {
+        plan(j, &Owner::of(j).unwrap(), obs)
+    }
+
+    fn cond<'a>(p: &'a Plan, t: &str) -> &'a Condition {
+        conditions::find(&p.status.conditions, t).unwrap()
+    }
+
+    fn names_of(pods: &[Pod]) -> Vec<String> {
+        pods.iter().map(|p| p.name_any()).collect()
+    }
+
+    /// The job after the plan's status was written.
+    fn after(j: &RenderJob, p: &Plan) -> RenderJob {
+        let mut j = j.clone();
+        j.status = Some(p.status.clone());
+        j
+    }
+
+    #[test]
+    fn replicas_follow_partitions_within_bounds() {
+        let w = |min, max| WorkerSpec {
+            min_replicas: min,
+            max_replicas: max,
+            ..Default::default()
+        };
+        assert_eq!(desired_replicas(&w(1, 4), 8), 4);
+        assert_eq!(desired_replicas(&w(1, 4), 2), 2);
+        assert_eq!(desired_replicas(&w(3, 4), 2), 2); // never above partitions
+        assert_eq!(desired_replicas(&w(0, 4), 0), 0);
+        assert_eq!(desired_replicas(&w(2, 4), 0), 0);
+        assert_eq!(desired_replicas(&w(0, 8), 3), 3);
+    }
+
+    #[test]
+    fn creates_missing_pods_and_the_progress_service() {
+        let mut j = job("demo");
+        j.spec.workers.max_replicas = 4;
+        let mut obs = observed(8, 100, vec![pod(&j, 1)]);
+        obs.progress = ProgressObservation::default();
+        let p = run(&j, &obs);
+        assert_eq!(
+            names_of(&p.create),
+            ["demo-live-blue-0", "demo-live-blue-2", "demo-live-blue-3"]
+        );
+        assert!(p.delete.is_empty());
+        let (d, s) = p.progress.as_ref().unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("demo-progress"));
+        assert_eq!(s.metadata.name.as_deref(), Some("demo-progress"));
+        // Assignment: 8 partitions over 4 slots, by pod name.
+        let a = p.assignment.as_ref().unwrap();
+        assert_eq!(a.drain_millis, 60_000);
+        let live = &a.lanes["live"];
+        assert_eq!(live.len(), 8);
+        assert_eq!(live[&0], "demo-live-blue-0");
+        assert_eq!(p.status.live.assignment.len(), 8);
+        assert_eq!(p.status.live.replicas, 4);
+        assert_eq!(p.status.workers, "1/4");
+        assert_eq!(p.status.partitions, 8);
+        assert_eq!(p.status.lag, 100);
+        assert_eq!(p.status.observed_generation, Some(1));
+        assert_eq!(cond(&p, READY).reason, "ProgressServiceNotReady");
+        assert_eq!(cond(&p, PROGRESSING).reason, "Rendering");
+        assert_eq!(cond(&p, PROGRESSING).status, "True");
+        assert_eq!(p.requeue, REQUEUE_BUSY);
+    }
+
+    #[test]
+    fn all_ready_and_caught_up() {
+        let j = job("demo");
+        let obs = observed(2, 0, vec![pod(&j, 0), pod(&j, 1)]);
+        let p = run(&j, &obs);
+        assert!(p.create.is_empty() && p.delete.is_empty());
+        let r = cond(&p, READY);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("True", "AllWorkersReady")
+        );
+        let g = cond(&p, PROGRESSING);
+        assert_eq!(
+            (g.status.as_str(), g.reason.as_str()),
+            ("False", "CaughtUp")
+        );
+        let d = cond(&p, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("False", "AsExpected")
+        );
+        assert_eq!(p.status.workers, "2/2");
+        assert_eq!(p.status.done, 10);
+        assert_eq!(p.status.in_flight, 2);
+        assert_eq!(p.status.p50.as_deref(), Some("850ms"));
+        assert_eq!(p.status.p99.as_deref(), Some("2.3s"));
+        assert_eq!(p.requeue, REQUEUE_IDLE);
+        assert!(p.events.is_empty());
+    }
+
+    #[test]
+    fn unchanged_world_gives_an_identical_status() {
+        let j = job("demo");
+        let obs = observed(2, 5, vec![pod(&j, 0), pod(&j, 1)]);
+        let p1 = run(&j, &obs);
+        let j1 = after(&j, &p1);
+        let mut later = obs.clone();
+        later.now = Timestamp::from_second(now().as_second() + 60).unwrap();
+        let p2 = run(&j1, &later);
+        // Same conditions, same lastTransitionTime: nothing to patch.
+        assert_eq!(p2.status, p1.status);
+        // A flip moves only that condition's time.
+        later.kafka.lag = Some(0);
+        let p3 = run(&j1, &later);
+        assert_eq!(
+            cond(&p3, PROGRESSING).last_transition_time,
+            "2027-01-15T08:01:00Z"
+        );
+        assert_eq!(
+            cond(&p3, READY).last_transition_time,
+            "2027-01-15T08:00:00Z"
+        );
+    }
+
+    #[test]
+    fn deletes_extra_pods_one_at_a_time_highest_first() {
+        let mut j = job("demo");
+        j.spec.workers.max_replicas = 2;
+        let mut stray = pod(&j, 0);
+        stray.name = "demo-live-blue-007".to_string();
+        stray.slot = None;
+        let pods = vec![pod(&j, 0), pod(&j, 1), pod(&j, 2), pod(&j, 3)];
+        let p = run(&j, &observed(4, 0, pods.clone()));
+        assert_eq!(p.delete, ["demo-live-blue-3"]);
+        assert!(p.create.is_empty());
+        assert_eq!(p.status.live.replicas, 2);
+        // The assignment already leaves the extra slots out.
+        let slots: BTreeSet<i32> = p.status.live.assignment.values().copied().collect();
+        assert_eq!(slots, BTreeSet::from([0, 1]));
+        assert_eq!(cond(&p, PROGRESSING).reason, "Rendering");
+        // Next reconcile: slot 3 terminating, slot 2 goes; unknown names first.
+        let mut pods2 = pods.clone();
+        pods2[3].terminating = true;
+        pods2.push(stray);
+        let p = run(&j, &observed(4, 0, pods2.clone()));
+        assert_eq!(p.delete, ["demo-live-blue-007"]);
+        pods2.pop();
+        let p = run(&j, &observed(4, 0, pods2));
+        assert_eq!(p.delete, ["demo-live-blue-2"]);
+    }
+
+    #[test]
+    fn replaces_outdated_pods_one_at_a_time() {
+        let j = job("demo");
+        let old = |slot| {
+            let mut p = pod(&j, slot);
+            p.template_hash = Some("old".to_string());
+            p
+        };
+        let pods = vec![old(0), old(1), old(2)];
+        let p = run(&j, &observed(3, 0, pods.clone()));
+        assert_eq!(p.delete, ["demo-live-blue-0"]);
+        assert!(p.create.is_empty());
+        // While slot 0 is terminating, nothing else is deleted.
+        let mut pods = pods;
+        pods[0].terminating = true;
+        let p = run(&j, &observed(3, 0, pods.clone()));
+        assert!(p.delete.is_empty());
+        assert!(p.create.is_empty(), "slot 0's name is still taken");
+        // Slot 0 gone: recreated, and still nothing else deleted until it is ready.
+        pods.remove(0);
+        let p = run(&j, &observed(3, 0, pods.clone()));
+        assert_eq!(names_of(&p.create), ["demo-live-blue-0"]);
+        assert!(p.delete.is_empty());
+        let mut fresh = pod(&j, 0);
+        fresh.ready = false;
+        pods.insert(0, fresh);
+        let p = run(&j, &observed(3, 0, pods.clone()));
+        assert!(p.delete.is_empty());
+        // Ready: the next one goes.
+        pods[0].ready = true;
+        let p = run(&j, &observed(3, 0, pods.clone()));
+        assert_eq!(p.delete, ["demo-live-blue-1"]);
+        // An outdated pod that is not ready anyway goes at once.
+        pods[2].ready = false;
+        pods[1].terminating = true;
+        let p = run(&j, &observed(3, 0, pods));
+        assert_eq!(p.delete, ["demo-live-blue-2"]);
+    }
+
+    #[test]
+    fn finished_pods_are_replaced() {
+        let j = job("demo");
+        let mut dead = pod(&j, 0);
+        dead.finished = true;
+        dead.ready = false;
+        let p = run(&j, &observed(2, 0, vec![dead, pod(&j, 1)]));
+        assert_eq!(p.delete, ["demo-live-blue-0"]);
+    }
+
+    #[test]
+    fn missing_topic_means_no_pods_and_says_so() {
+        let j = job("demo");
+        let mut obs = observed(2, 0, vec![pod(&j, 0), pod(&j, 1)]);
+        obs.kafka = KafkaObservation {
+            topic: TopicState::NotFound,
+            lag: Some(0),
+        };
+        let p = run(&j, &obs);
+        assert!(p.create.is_empty());
+        assert_eq!(p.delete, ["demo-live-blue-1"]);
+        assert_eq!(p.assignment.as_ref().unwrap().lanes["live"].len(), 0);
+        assert!(p.status.live.assignment.is_empty());
+        assert_eq!(p.status.live.replicas, 0);
+        assert_eq!(p.status.partitions, 0);
+        let r = cond(&p, READY);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "TopicNotFound")
+        );
+        assert!(r.message.contains("render-events") && r.message.contains("127.0.0.1:9092"));
+        let d = cond(&p, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "TopicNotFound")
+        );
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(
+            (p.events[0].reason, p.events[0].warning),
+            ("TopicNotFound", true)
+        );
+        // The Warning is sent once, not on every reconcile.
+        let p2 = run(&after(&j, &p), &obs);
+        assert!(p2.events.is_empty());
+        // Brand new job with no topic: no pods at all.
+        let mut empty = obs.clone();
+        empty.pods.clear();
+        let p3 = run(&j, &empty);
+        assert!(p3.create.is_empty() && p3.delete.is_empty());
+        assert_eq!(p3.status.workers, "0/0");
+        // Waiting for someone to create the topic: the idle pace.
+        assert_eq!(p3.requeue, REQUEUE_IDLE);
+    }
+
+    #[test]
+    fn kafka_unreachable_holds_the_fleet() {
+        let j = job("demo");
+        let p1 = run(&j, &observed(2, 7, vec![pod(&j, 0), pod(&j, 1)]));
+        let j1 = after(&j, &p1);
+        let mut obs = observed(2, 0, vec![pod(&j, 0), pod(&j, 1)]);
+        obs.kafka = KafkaObservation::unreachable("BrokerTransportFailure");
+        let p = run(&j1, &obs);
+        assert!(p.create.is_empty() && p.delete.is_empty());
+        assert_eq!(p.status.partitions, 2);
+        assert_eq!(p.status.lag, 7);
+        assert_eq!(p.assignment.as_ref().unwrap().lanes["live"].len(), 2);
+        assert_eq!(cond(&p, READY).reason, "KafkaUnreachable");
+        assert_eq!(cond(&p, DEGRADED).reason, "KafkaUnreachable");
+        assert!(cond(&p, DEGRADED).message.contains("127.0.0.1:9092"));
+        // Never seen the topic: nothing created, no assignment.
+        let p = run(&j, &obs);
+        assert!(p.create.is_empty() && p.assignment.is_none());
+    }
+
+    #[test]
+    fn paused_changes_nothing_but_status() {
+        let mut j = job("demo");
+        j.metadata.annotations = Some(BTreeMap::from([(
+            names::PAUSED.to_string(),
+            "true".to_string(),
+        )]));
+        let p = run(&j, &observed(4, 10, vec![pod(&j, 3)]));
+        assert!(p.progress.is_none());
+        assert!(p.create.is_empty() && p.delete.is_empty());
+        assert!(p.assignment.is_none());
+        let g = cond(&p, PROGRESSING);
+        assert_eq!((g.status.as_str(), g.reason.as_str()), ("False", "Paused"));
+        assert_eq!(
+            p.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            ["Paused"]
+        );
+        assert_eq!(p.status.lag, 10);
+        // Once paused, no more Paused events; unpausing says Resumed.
+        let j1 = after(&j, &p);
+        assert!(run(&j1, &observed(4, 10, vec![])).events.is_empty());
+        let mut resumed = j1.clone();
+        resumed.metadata.annotations = None;
+        let p = run(&resumed, &observed(4, 10, vec![]));
+        assert_eq!(
+            p.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            ["Resumed"]
+        );
+        assert_eq!(p.create.len(), 4);
+    }
+
+    #[test]
+    fn counters_never_go_back() {
+        let j = job("demo");
+        let p1 = run(&j, &observed(2, 0, vec![pod(&j, 0), pod(&j, 1)]));
+        let j1 = after(&j, &p1);
+        // Unreachable progress service: last known values stay.
+        let mut obs = observed(2, 0, vec![pod(&j, 0), pod(&j, 1)]);
+        obs.progress = ProgressObservation {
+            deployment_exists: true,
+            ready_replicas: 0,
+            status: None,
+            error: Some("connection refused".to_string()),
+        };
+        let p = run(&j1, &obs);
+        assert_eq!(p.status.done, 10);
+        assert_eq!(p.status.in_flight, 2);
+        assert_eq!(p.status.duplicates_prevented, 1);
+        assert_eq!(p.status.p99.as_deref(), Some("2.3s"));
+        let r = cond(&p, READY);
+        assert_eq!(r.reason, "ProgressServiceNotReady");
+        assert!(r.message.contains("no ready pod"), "{}", r.message);
+        // A service that answers with smaller totals does not lower them.
+        obs.progress = progress_ok(3, 0);
+        assert_eq!(run(&j1, &obs).status.done, 10);
+    }
+
+    #[test]
+    fn failed_tasks_degrade_and_warn_when_they_rise() {
+        let j = job("demo");
+        let mut obs = observed(2, 0, vec![pod(&j, 0), pod(&j, 1)]);
+        obs.progress = progress_ok(10, 2);
+        let p = run(&j, &obs);
+        let d = cond(&p, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "TasksFailed")
+        );
+        assert!(d.message.starts_with("2 tasks failed after maxAttempts"));
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(p.events[0].reason, "TasksFailed");
+        assert!(p.events[0].note.contains('2'));
+        let j1 = after(&j, &p);
+        assert!(run(&j1, &obs).events.is_empty());
+        obs.progress = progress_ok(10, 5);
+        let p = run(&j1, &obs);
+        assert!(p.events[0].note.starts_with("5 tasks failed"));
+    }
+
+    #[test]
+    fn restarting_workers_degrade() {
+        let j = job("demo");
+        let mut crashing = pod(&j, 1);
+        crashing.restarting =
+            Some("pod demo-live-blue-1 container worker is waiting with CrashLoopBackOff".into());
+        crashing.ready = false;
+        let p = run(&j, &observed(2, 0, vec![pod(&j, 0), crashing]));
+        let d = cond(&p, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "WorkerRestarting")
+        );
+        assert!(d.message.contains("CrashLoopBackOff"));
+        let r = cond(&p, READY);
+        assert_eq!(r.reason, "WorkersNotReady");
+        assert_eq!(
+            r.message,
+            "1/2 workers ready; see kubectl get pods -l matchfleet.io/renderjob=demo"
+        );
+    }
+
+    #[test]
+    fn scaling_keeps_the_previous_assignment() {
+        let mut j = job("demo");
+        j.spec.workers.max_replicas = 2;
+        let p1 = run(&j, &observed(6, 0, vec![pod(&j, 0), pod(&j, 1)]));
+        let mut j1 = after(&j, &p1);
+        j1.spec.workers.max_replicas = 3;
+        let p2 = run(&j1, &observed(6, 0, vec![pod(&j, 0), pod(&j, 1)]));
+        let before = assign::from_status(&p1.status.live.assignment);
+        let now = assign::from_status(&p2.status.live.assignment);
+        assert_eq!(assign::moves(&before, &now), 2);
+        assert_eq!(names_of(&p2.create), ["demo-live-blue-2"]);
+    }
+
+    #[test]
+    fn invalid_names_only_get_a_status() {
+        let mut j = job("demo");
+        j.metadata.name = Some("a.b".to_string());
+        let p = invalid(&j, "bad name", now());
+        assert!(p.progress.is_none() && p.create.is_empty() && p.assignment.is_none());
+        assert_eq!(cond(&p, READY).reason, "InvalidName");
+        assert_eq!(cond(&p, DEGRADED).status, "True");
+        assert_eq!(p.events.len(), 1);
+        assert!(invalid(&after(&j, &p), "bad name", now()).events.is_empty());
+    }
+
+    #[test]
+    fn refused_pods_degrade() {
+        let j = job("demo");
+        let mut p = run(&j, &observed(2, 0, vec![pod(&j, 0)]));
+        worker_refused(&mut p.status, &[], "demo-live-blue-1", "Invalid env", now());
+        let d = cond(&p, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "WorkerCreateFailed")
+        );
+        assert!(d.message.contains("demo-live-blue-1") && d.message.contains("Invalid env"));
+    }
+
+    #[test]
+    fn failed_assignment_turns_ready_false() {
+        let j = job("demo");
+        let mut p = run(&j, &observed(2, 0, vec![pod(&j, 0), pod(&j, 1)]));
+        assignment_failed(&mut p.status, &[], "demo", "HTTP 503", now());
+        let r = cond(&p, READY);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "ProgressServiceNotReady")
+        );
+        assert!(r.message.contains("HTTP 503"));
+        // A Ready that was False already keeps its more actionable reason.
+        let mut p = run(&j, &observed(2, 0, vec![pod(&j, 0)]));
+        assignment_failed(&mut p.status, &[], "demo", "HTTP 503", now());
+        assert_eq!(cond(&p, READY).reason, "WorkersNotReady");
+    }
+}

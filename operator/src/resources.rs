@@ -1,0 +1,633 @@
+//! Pure builders of the objects a RenderJob owns: the progress service's
+//! Deployment and Service, and the live lane's worker pods. What they put in
+//! env, args, ports and probes is the contract with the worker image.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use matchfleet_api::render_job::RenderJobSpec;
+use matchfleet_api::RenderJob;
+
+use crate::duration;
+use crate::names::{self, LANE_LIVE, PROGRESS_PORT, WORKER_PORT};
+
+/// The unprivileged user (and group) every container runs as: the `nonroot`
+/// user of distroless images.
+pub const RUN_AS: i64 = 65532;
+
+/// The longest a worker pod may take to stop: it drains in-flight renders on
+/// SIGTERM, so its grace is the render timeout plus margin, within an hour.
+const MAX_GRACE_SECONDS: i64 = 3600;
+/// The longest an old owner may take to drain a released partition.
+const MAX_DRAIN_MILLIS: u64 = 10 * 60 * 1000;
+
+/// Why a RenderJob cannot be served at all (it waits for a change).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidJob {
+    #[error("the RenderJob has no namespace")]
+    NoNamespace,
+    #[error("the RenderJob has no uid yet")]
+    NoUid,
+    #[error("invalid name {name:?}: {reason}")]
+    Name { name: String, reason: String },
+}
+
+/// Who owns the built objects: the RenderJob's name, namespace and a
+/// controller owner reference (garbage collection deletes them with it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Owner {
+    pub name: String,
+    pub namespace: String,
+    pub reference: OwnerReference,
+}
+
+impl Owner {
+    pub fn of(job: &RenderJob) -> Result<Owner, InvalidJob> {
+        let name = job.name_any();
+        if let Some(reason) = names::invalid_name_reason(&name) {
+            return Err(InvalidJob::Name { name, reason });
+        }
+        let namespace = job.namespace().ok_or(InvalidJob::NoNamespace)?;
+        let mut reference = job.controller_owner_ref(&()).ok_or(InvalidJob::NoUid)?;
+        // Foreground deletion of the RenderJob waits for its objects.
+        reference.block_owner_deletion = Some(true);
+        Ok(Owner {
+            name,
+            namespace,
+            reference,
+        })
+    }
+
+    fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![self.reference.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// `spec.deadLetterTopic`, else `<source.topic>.dlq`.
+pub fn dead_letter_topic(spec: &RenderJobSpec) -> String {
+    spec.dead_letter_topic
+        .clone()
+        .unwrap_or_else(|| format!("{}.dlq", spec.source.topic))
+}
+
+/// How long an owner told to release a partition may drain it: one render
+/// timeout, at most ten minutes.
+pub fn drain_millis(spec: &RenderJobSpec) -> u64 {
+    (spec.render.timeout_seconds.max(0) as u64 * 1000).min(MAX_DRAIN_MILLIS)
+}
+
+/// A worker pod's grace period: render timeout + 30 s, at most an hour.
+pub fn worker_grace_seconds(spec: &RenderJobSpec) -> i64 {
+    (i64::from(spec.render.timeout_seconds.max(0)) + 30).min(MAX_GRACE_SECONDS)
+}
+
+/// The kubelet expands `$(VAR)` and turns `$$` into `$` in env values; values
+/// we pass through (commands, paths) must arrive as written.
+fn literal(s: &str) -> String {
+    s.replace('$', "$$")
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn pod_ip_env() -> EnvVar {
+    EnvVar {
+        name: "POD_IP".to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: None,
+                field_path: "status.podIP".to_string(),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// Non-root pods (the restricted Pod Security Standard).
+pub fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// No privilege escalation, no capabilities. The root filesystem stays
+/// writable: renders write staging files to /tmp.
+pub fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            add: None,
+            drop: Some(vec!["ALL".to_string()]),
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32, initial_delay: Option<i32>) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("http".to_string()),
+            ..HTTPGetAction::default()
+        }),
+        initial_delay_seconds: initial_delay,
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn http_port(port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some("http".to_string()),
+        container_port: port,
+        protocol: Some("TCP".to_string()),
+        ..ContainerPort::default()
+    }
+}
+
+/// The progress service's Deployment: one replica, `Recreate`, because two
+/// progress services over one changelog would diverge.
+pub fn progress_deployment(owner: &Owner, spec: &RenderJobSpec) -> Deployment {
+    let labels = names::progress_labels(&owner.name);
+    let mut env_vars = vec![
+        env("KAFKA_BOOTSTRAP", literal(&spec.source.bootstrap_servers)),
+        env(
+            "PROGRESS_CHANGELOG_TOPIC",
+            literal(&names::changelog_topic(&owner.namespace, &owner.name)),
+        ),
+        env("LEASE_MILLIS", spec.heartbeat.lease_millis.to_string()),
+        env("MAX_ATTEMPTS", spec.render.max_attempts.to_string()),
+    ];
+    if let Some(ms) = slo_millis(spec) {
+        env_vars.push(env("SLO_MILLIS", ms.to_string()));
+    }
+    env_vars.push(pod_ip_env());
+    env_vars.push(env("RUST_LOG", "info"));
+
+    let container = Container {
+        name: "progress".to_string(),
+        image: Some(spec.workers.image.clone()),
+        args: Some(vec!["progress".to_string()]),
+        env: Some(env_vars),
+        ports: Some(vec![http_port(PROGRESS_PORT)]),
+        // It listens only once the changelog is replayed, so readiness is
+        // "answers"; liveness waits long enough for a large replay.
+        readiness_probe: Some(http_probe("/readyz", 2, 3, None)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6, Some(30))),
+        security_context: Some(container_security_context()),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: owner.meta(names::progress_name(&owner.name), labels.clone()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                match_expressions: None,
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".to_string()),
+                rolling_update: None,
+            }),
+            revision_history_limit: Some(2),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    security_context: Some(pod_security_context()),
+                    enable_service_links: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The progress service's Service: `NAME-progress:8080` (name `http`).
+pub fn progress_service(owner: &Owner) -> Service {
+    let labels = names::progress_labels(&owner.name);
+    Service {
+        metadata: owner.meta(names::progress_name(&owner.name), labels.clone()),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_string()),
+            selector: Some(labels),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_string()),
+                port: PROGRESS_PORT,
+                target_port: Some(IntOrString::String("http".to_string())),
+                protocol: Some("TCP".to_string()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// `spec.slo.maxLatency` in milliseconds, if there is a valid one.
+pub fn slo_millis(spec: &RenderJobSpec) -> Option<u64> {
+    spec.slo
+        .as_ref()
+        .and_then(|s| duration::parse_millis(&s.max_latency))
+}
+
+/// The pod spec of the live lane's worker in slot `slot_name`.
+pub fn worker_pod_spec(owner: &Owner, spec: &RenderJobSpec, slot_name: &str) -> PodSpec {
+    let (ns, job) = (&owner.namespace, &owner.name);
+    let command_json =
+        serde_json::to_string(&spec.render.command).unwrap_or_else(|_| "[]".to_string());
+    let mut env_vars = vec![
+        env("KAFKA_BOOTSTRAP", literal(&spec.source.bootstrap_servers)),
+        env("SOURCE_TOPIC", literal(&spec.source.topic)),
+        env(
+            "CONSUMER_GROUP",
+            literal(&names::consumer_group(ns, job, LANE_LIVE)),
+        ),
+        env("LANE", LANE_LIVE),
+        env("SLOT", literal(slot_name)),
+        env("PROGRESS_URL", literal(&names::progress_url(job, ns))),
+        env(
+            "HEARTBEAT_INTERVAL_MILLIS",
+            spec.heartbeat.interval_millis.to_string(),
+        ),
+        env("RENDER_COMMAND", literal(&command_json)),
+        env(
+            "RENDER_TIMEOUT_SECONDS",
+            spec.render.timeout_seconds.to_string(),
+        ),
+        env("OUTPUT_DIR", literal(&spec.render.output_dir)),
+        env("CONCURRENCY", spec.workers.concurrency.to_string()),
+        env("DEAD_LETTER_TOPIC", literal(&dead_letter_topic(spec))),
+        pod_ip_env(),
+        env("RUST_LOG", "info"),
+    ];
+    // The user's variables come last, so they may override ours (the last
+    // definition of a name wins).
+    env_vars.extend(spec.workers.env.iter().flatten().cloned());
+
+    let container = Container {
+        name: "worker".to_string(),
+        image: Some(spec.workers.image.clone()),
+        args: Some(vec!["render".to_string()]),
+        env: Some(env_vars),
+        ports: Some(vec![http_port(WORKER_PORT)]),
+        readiness_probe: Some(http_probe("/readyz", 2, 3, None)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3, Some(10))),
+        resources: spec.workers.resources.clone(),
+        security_context: Some(container_security_context()),
+        ..Container::default()
+    };
+    PodSpec {
+        containers: vec![container],
+        restart_policy: Some("Always".to_string()),
+        termination_grace_period_seconds: Some(worker_grace_seconds(spec)),
+        security_context: Some(pod_security_context()),
+        enable_service_links: Some(false),
+        ..PodSpec::default()
+    }
+}
+
+/// The hash of everything a worker pod's template is made from, so a change
+/// of image, env, command, resources... replaces the pods. FNV-1a over the
+/// JSON of the pod spec (slot name left out), so it is stable across builds
+/// and Rust versions, unlike `DefaultHasher`.
+pub fn worker_template_hash(owner: &Owner, spec: &RenderJobSpec) -> String {
+    let template = worker_pod_spec(owner, spec, "");
+    let bytes = serde_json::to_vec(&template).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The worker pod of the live lane's slot `slot` (color blue).
+pub fn worker_pod(owner: &Owner, spec: &RenderJobSpec, slot: i32, template_hash: &str) -> Pod {
+    let name = names::worker_pod_name(&owner.name, LANE_LIVE, names::COLOR_BLUE, slot);
+    let mut metadata = owner.meta(
+        name.clone(),
+        names::worker_labels(&owner.name, LANE_LIVE, names::COLOR_BLUE, slot),
+    );
+    metadata.annotations = Some(BTreeMap::from([(
+        names::TEMPLATE_HASH.to_string(),
+        template_hash.to_string(),
+    )]));
+    Pod {
+        metadata,
+        spec: Some(worker_pod_spec(owner, spec, &name)),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use matchfleet_api::fleet::SourceSpec;
+    use matchfleet_api::render_job::{RenderSpec, SloSpec};
+
+    pub fn job(name: &str) -> RenderJob {
+        let mut job = RenderJob::new(
+            name,
+            RenderJobSpec {
+                source: SourceSpec {
+                    bootstrap_servers: "127.0.0.1:9092".to_string(),
+                    topic: "render-events".to_string(),
+                },
+                render: RenderSpec {
+                    command: vec![
+                        "sh".to_string(),
+                        "-c".to_string(),
+                        "cp {value_file} {output} # $$ $(x)".to_string(),
+                    ],
+                    timeout_seconds: 60,
+                    max_attempts: 3,
+                    output_dir: "/tmp/out".to_string(),
+                },
+                workers: Default::default(),
+                heartbeat: Default::default(),
+                dead_letter_topic: None,
+                slo: Some(SloSpec {
+                    max_latency: "10m".to_string(),
+                }),
+                backlog: None,
+            },
+        );
+        job.metadata.namespace = Some("ns".to_string());
+        job.metadata.uid = Some("uid-1".to_string());
+        job.metadata.generation = Some(1);
+        job
+    }
+
+    fn env_map(spec: &PodSpec) -> BTreeMap<String, EnvVar> {
+        spec.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.clone()))
+            .collect()
+    }
+
+    fn value(m: &BTreeMap<String, EnvVar>, k: &str) -> String {
+        m.get(k)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_else(|| panic!("no {k}"))
+    }
+
+    fn assert_owned(meta: &ObjectMeta) {
+        let refs = meta.owner_references.as_ref().unwrap();
+        assert_eq!(refs.len(), 1);
+        let r = &refs[0];
+        assert_eq!(r.kind, "RenderJob");
+        assert_eq!(r.api_version, "matchfleet.io/v1alpha1");
+        assert_eq!(r.name, "demo");
+        assert_eq!(r.uid, "uid-1");
+        assert_eq!(r.controller, Some(true));
+        assert_eq!(r.block_owner_deletion, Some(true));
+        assert_eq!(meta.namespace.as_deref(), Some("ns"));
+        assert!(meta.finalizers.is_none());
+    }
+
+    fn assert_secure(spec: &PodSpec) {
+        let p = spec.security_context.as_ref().unwrap();
+        assert_eq!(p.run_as_non_root, Some(true));
+        assert_eq!(p.run_as_user, Some(65532));
+        assert_eq!(p.run_as_group, Some(65532));
+        for c in &spec.containers {
+            let s = c.security_context.as_ref().unwrap();
+            assert_eq!(s.allow_privilege_escalation, Some(false));
+            assert_eq!(s.read_only_root_filesystem, None);
+            assert_eq!(
+                s.capabilities.as_ref().unwrap().drop,
+                Some(vec!["ALL".to_string()])
+            );
+        }
+    }
+
+    fn probe_path_port(p: &Option<Probe>) -> (String, IntOrString) {
+        let g = p.as_ref().unwrap().http_get.as_ref().unwrap();
+        (g.path.clone().unwrap(), g.port.clone())
+    }
+
+    #[test]
+    fn owner_needs_a_valid_name_namespace_and_uid() {
+        let j = job("demo");
+        let o = Owner::of(&j).unwrap();
+        assert_eq!((o.name.as_str(), o.namespace.as_str()), ("demo", "ns"));
+        let mut no_uid = j.clone();
+        no_uid.metadata.uid = None;
+        assert_eq!(Owner::of(&no_uid), Err(InvalidJob::NoUid));
+        let mut no_ns = j.clone();
+        no_ns.metadata.namespace = None;
+        assert_eq!(Owner::of(&no_ns), Err(InvalidJob::NoNamespace));
+        assert!(matches!(
+            Owner::of(&job("a.b")),
+            Err(InvalidJob::Name { .. })
+        ));
+    }
+
+    #[test]
+    fn progress_deployment_follows_the_contract() {
+        let j = job("demo");
+        let o = Owner::of(&j).unwrap();
+        let d = progress_deployment(&o, &j.spec);
+        assert_eq!(d.metadata.name.as_deref(), Some("demo-progress"));
+        assert_owned(&d.metadata);
+        let s = d.spec.as_ref().unwrap();
+        assert_eq!(s.replicas, Some(1));
+        assert_eq!(
+            s.strategy.as_ref().unwrap().type_.as_deref(),
+            Some("Recreate")
+        );
+        let labels = names::progress_labels("demo");
+        assert_eq!(s.selector.match_labels.as_ref(), Some(&labels));
+        assert_eq!(d.metadata.labels.as_ref(), Some(&labels));
+        let t = s.template.metadata.as_ref().unwrap();
+        assert_eq!(t.labels.as_ref(), Some(&labels));
+        let pod = s.template.spec.as_ref().unwrap();
+        assert_secure(pod);
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("matchfleet/worker:dev"));
+        assert_eq!(c.args, Some(vec!["progress".to_string()]));
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 8080);
+        assert_eq!(
+            probe_path_port(&c.readiness_probe),
+            ("/readyz".to_string(), IntOrString::String("http".into()))
+        );
+        assert_eq!(probe_path_port(&c.liveness_probe).0, "/healthz");
+        let e = env_map(pod);
+        assert_eq!(value(&e, "KAFKA_BOOTSTRAP"), "127.0.0.1:9092");
+        assert_eq!(
+            value(&e, "PROGRESS_CHANGELOG_TOPIC"),
+            "matchfleet.ns.demo.progress"
+        );
+        assert_eq!(value(&e, "LEASE_MILLIS"), "6000");
+        assert_eq!(value(&e, "MAX_ATTEMPTS"), "3");
+        assert_eq!(value(&e, "SLO_MILLIS"), "600000");
+        assert_eq!(value(&e, "RUST_LOG"), "info");
+        assert_eq!(
+            e["POD_IP"]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "status.podIP"
+        );
+
+        let mut no_slo = j.spec.clone();
+        no_slo.slo = None;
+        let d = progress_deployment(&o, &no_slo);
+        assert!(
+            !env_map(d.spec.unwrap().template.spec.as_ref().unwrap()).contains_key("SLO_MILLIS")
+        );
+    }
+
+    #[test]
+    fn progress_service_follows_the_contract() {
+        let j = job("demo");
+        let o = Owner::of(&j).unwrap();
+        let s = progress_service(&o);
+        assert_eq!(s.metadata.name.as_deref(), Some("demo-progress"));
+        assert_owned(&s.metadata);
+        let spec = s.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.selector, Some(names::progress_labels("demo")));
+        let p = &spec.ports.unwrap()[0];
+        assert_eq!((p.name.as_deref(), p.port), (Some("http"), 8080));
+        assert_eq!(p.target_port, Some(IntOrString::String("http".into())));
+    }
+
+    #[test]
+    fn worker_pod_follows_the_contract() {
+        let mut j = job("demo");
+        j.spec.workers.env = Some(vec![env("EXTRA", "1")]);
+        j.spec.workers.concurrency = 7;
+        let o = Owner::of(&j).unwrap();
+        let hash = worker_template_hash(&o, &j.spec);
+        let pod = worker_pod(&o, &j.spec, 2, &hash);
+        assert_eq!(pod.metadata.name.as_deref(), Some("demo-live-blue-2"));
+        assert_owned(&pod.metadata);
+        assert_eq!(
+            pod.metadata.labels.as_ref(),
+            Some(&names::worker_labels("demo", "live", "blue", 2))
+        );
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()["matchfleet.io/template-hash"],
+            hash
+        );
+        let spec = pod.spec.as_ref().unwrap();
+        assert_secure(spec);
+        assert_eq!(spec.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(spec.termination_grace_period_seconds, Some(90));
+        let c = &spec.containers[0];
+        assert_eq!(c.args, Some(vec!["render".to_string()]));
+        assert_eq!(c.image.as_deref(), Some("matchfleet/worker:dev"));
+        let port = &c.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("http"), 8081)
+        );
+        assert_eq!(probe_path_port(&c.readiness_probe).0, "/readyz");
+        assert_eq!(probe_path_port(&c.liveness_probe).0, "/healthz");
+
+        let e = env_map(spec);
+        assert_eq!(value(&e, "KAFKA_BOOTSTRAP"), "127.0.0.1:9092");
+        assert_eq!(value(&e, "SOURCE_TOPIC"), "render-events");
+        assert_eq!(value(&e, "CONSUMER_GROUP"), "matchfleet.ns.demo.live");
+        assert_eq!(value(&e, "LANE"), "live");
+        assert_eq!(value(&e, "SLOT"), "demo-live-blue-2");
+        assert_eq!(
+            value(&e, "PROGRESS_URL"),
+            "http://demo-progress.ns.svc:8080"
+        );
+        assert_eq!(value(&e, "HEARTBEAT_INTERVAL_MILLIS"), "1000");
+        // JSON, with `$` escaped so the kubelet's `$(VAR)` expansion gives it back as written.
+        assert_eq!(
+            value(&e, "RENDER_COMMAND"),
+            r#"["sh","-c","cp {value_file} {output} # $$$$ $$(x)"]"#
+        );
+        assert_eq!(value(&e, "RENDER_TIMEOUT_SECONDS"), "60");
+        assert_eq!(value(&e, "OUTPUT_DIR"), "/tmp/out");
+        assert_eq!(value(&e, "CONCURRENCY"), "7");
+        assert_eq!(value(&e, "DEAD_LETTER_TOPIC"), "render-events.dlq");
+        assert_eq!(value(&e, "RUST_LOG"), "info");
+        assert!(e["POD_IP"].value_from.is_some());
+        // User env is appended last.
+        assert_eq!(c.env.as_ref().unwrap().last().unwrap().name, "EXTRA");
+        assert_eq!(value(&e, "EXTRA"), "1");
+    }
+
+    #[test]
+    fn template_hash_tracks_template_inputs_only() {
+        let j = job("demo");
+        let o = Owner::of(&j).unwrap();
+        let h = worker_template_hash(&o, &j.spec);
+        assert_eq!(h.len(), 16);
+        assert_eq!(h, worker_template_hash(&o, &j.spec));
+        // Not part of the worker template: replicas, SLO, attempts.
+        let mut same = j.spec.clone();
+        same.workers.max_replicas = 99;
+        same.slo = None;
+        same.render.max_attempts = 9;
+        assert_eq!(worker_template_hash(&o, &same), h);
+        // Part of it: image, command, env, resources...
+        let mut image = j.spec.clone();
+        image.workers.image = "matchfleet/worker:v2".to_string();
+        assert_ne!(worker_template_hash(&o, &image), h);
+        let mut cmd = j.spec.clone();
+        cmd.render.command.push("x".to_string());
+        assert_ne!(worker_template_hash(&o, &cmd), h);
+        let mut env_changed = j.spec.clone();
+        env_changed.workers.env = Some(vec![env("A", "b")]);
+        assert_ne!(worker_template_hash(&o, &env_changed), h);
+    }
+
+    #[test]
+    fn limits() {
+        let mut j = job("demo");
+        assert_eq!(drain_millis(&j.spec), 60_000);
+        assert_eq!(dead_letter_topic(&j.spec), "render-events.dlq");
+        j.spec.render.timeout_seconds = 86_400;
+        assert_eq!(drain_millis(&j.spec), 600_000);
+        assert_eq!(worker_grace_seconds(&j.spec), 3600);
+        j.spec.dead_letter_topic = Some("bad".to_string());
+        assert_eq!(dead_letter_topic(&j.spec), "bad");
+    }
+}
