@@ -68,6 +68,9 @@ pub enum Directive {
         partition: i32,
         epoch: u64,
         deadline_millis: u64,
+        /// The lease is renewed only this long: keep heartbeating while draining.
+        #[serde(default)]
+        expires_in_millis: u64,
     },
     /// The lease moved on: kill this partition's work at once and commit
     /// nothing more for it.

@@ -63,6 +63,37 @@ pub fn assign(partitions: i32, slots: i32, previous: &SlotAssignment) -> SlotAss
     out
 }
 
+/// Like [`assign`], over only the `available` slot indices (the Ready
+/// workers): a slot that is stuck or gone gets nothing, so its partitions move
+/// to live workers (their leases move once the old ones run out). With no
+/// slot available, `previous` is kept as it is: there is nowhere better.
+pub fn assign_available(
+    partitions: i32,
+    available: &[i32],
+    previous: &SlotAssignment,
+) -> SlotAssignment {
+    if available.is_empty() {
+        return previous
+            .iter()
+            .filter(|(p, _)| (0..partitions).contains(*p))
+            .map(|(p, s)| (*p, *s))
+            .collect();
+    }
+    let dense: BTreeMap<i32, i32> = available
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (*s, i as i32))
+        .collect();
+    let previous_dense: SlotAssignment = previous
+        .iter()
+        .filter_map(|(p, s)| Some((*p, *dense.get(s)?)))
+        .collect();
+    assign(partitions, available.len() as i32, &previous_dense)
+        .into_iter()
+        .map(|(p, i)| (p, available[i as usize]))
+        .collect()
+}
+
 /// Partitions whose slot differs between two assignments (partitions only in
 /// one of them do not count: they were added or removed, not moved).
 pub fn moves(before: &SlotAssignment, after: &SlotAssignment) -> usize {
@@ -89,6 +120,29 @@ pub fn from_status(a: &BTreeMap<String, i32>) -> SlotAssignment {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_unavailable_slot_gets_nothing_and_the_others_keep_theirs() {
+        let before = assign(12, 3, &SlotAssignment::new());
+        let after = assign_available(12, &[1, 2], &before);
+        assert!(after.values().all(|s| *s != 0));
+        assert_eq!(after.len(), 12);
+        // Partitions of slots 1 and 2 stay where they were.
+        for (p, s) in &before {
+            if *s != 0 {
+                assert_eq!(after[p], *s, "partition {p} moved");
+            }
+        }
+        // Slot 0 back: it gets a fair share again, taken from the others.
+        let back = assign_available(12, &[0, 1, 2], &after);
+        assert_eq!(loads(&back, 3), vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn with_no_slot_available_the_assignment_stays() {
+        let before = assign(6, 2, &SlotAssignment::new());
+        assert_eq!(assign_available(6, &[], &before), before);
+    }
 
     fn loads(a: &SlotAssignment, slots: i32) -> Vec<usize> {
         let mut l = vec![0; slots as usize];

@@ -195,13 +195,25 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
         .filter(|p| p.ready && !p.terminating && p.slot.is_some_and(|s| s < replicas))
         .count() as i32;
 
-    // Assignment over the desired slots, sticky to the last one sent.
+    // Assignment over the desired slots whose workers are Ready, sticky to
+    // the last one sent; before any is Ready, over all desired slots.
     let slots = match (paused, partitions, desired) {
-        (false, Some(p), Some(d)) => Some(assign::assign(
-            p,
-            d,
-            &assign::from_status(&prev.live.assignment),
-        )),
+        (false, Some(p), Some(d)) => {
+            let previous = assign::from_status(&prev.live.assignment);
+            let mut available: Vec<i32> = obs
+                .pods
+                .iter()
+                .filter(|pod| pod.ready && !pod.terminating)
+                .filter_map(|pod| pod.slot.filter(|s| *s < d))
+                .collect();
+            available.sort_unstable();
+            available.dedup();
+            Some(if available.is_empty() && previous.is_empty() {
+                assign::assign(p, d, &previous)
+            } else {
+                assign::assign_available(p, &available, &previous)
+            })
+        }
         _ => None,
     };
     let assignment = slots.as_ref().map(|a| Assignment {
@@ -643,12 +655,16 @@ mod tests {
         let (d, s) = p.progress.as_ref().unwrap();
         assert_eq!(d.metadata.name.as_deref(), Some("demo-progress"));
         assert_eq!(s.metadata.name.as_deref(), Some("demo-progress"));
-        // Assignment: 8 partitions over 4 slots, by pod name.
+        // Assignment: 8 partitions, by pod name, over the one Ready worker
+        // (the others get theirs once they are Ready).
         let a = p.assignment.as_ref().unwrap();
         assert_eq!(a.drain_millis, 60_000);
         let live = &a.lanes["live"];
         assert_eq!(live.len(), 8);
-        assert_eq!(live[&0], "demo-live-blue-0");
+        assert!(
+            live.values().all(|slot| slot == "demo-live-blue-1"),
+            "{live:?}"
+        );
         assert_eq!(p.status.live.assignment.len(), 8);
         assert_eq!(p.status.live.replicas, 4);
         assert_eq!(p.status.workers, "1/4");
@@ -966,8 +982,35 @@ mod tests {
         let p2 = run(&j1, &observed(6, 0, vec![pod(&j, 0), pod(&j, 1)]));
         let before = assign::from_status(&p1.status.live.assignment);
         let now = assign::from_status(&p2.status.live.assignment);
-        assert_eq!(assign::moves(&before, &now), 2);
         assert_eq!(names_of(&p2.create), ["demo-live-blue-2"]);
+        assert_eq!(
+            assign::moves(&before, &now),
+            0,
+            "the new slot is not Ready yet"
+        );
+        // Once it is Ready it takes a fair share, moving only what it needs.
+        let j2 = after(&j1, &p2);
+        let p3 = run(
+            &j2,
+            &observed(6, 0, vec![pod(&j, 0), pod(&j, 1), pod(&j, 2)]),
+        );
+        let then = assign::from_status(&p3.status.live.assignment);
+        assert_eq!(assign::moves(&now, &then), 2);
+    }
+
+    #[test]
+    fn a_stuck_worker_loses_its_partitions_to_ready_ones() {
+        let j = job("demo");
+        let p1 = run(&j, &observed(6, 0, vec![pod(&j, 0), pod(&j, 1)]));
+        let j1 = after(&j, &p1);
+        let mut frozen = pod(&j, 0);
+        frozen.ready = false;
+        let p2 = run(&j1, &observed(6, 0, vec![frozen, pod(&j, 1)]));
+        let live = &p2.assignment.as_ref().unwrap().lanes["live"];
+        assert!(
+            live.values().all(|slot| slot == "demo-live-blue-1"),
+            "{live:?}"
+        );
     }
 
     #[test]

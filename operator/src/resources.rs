@@ -305,7 +305,12 @@ pub fn worker_pod_spec(owner: &Owner, spec: &RenderJobSpec, slot_name: &str) -> 
         args: Some(vec!["render".to_string()]),
         env: Some(env_vars),
         ports: Some(vec![http_port(WORKER_PORT)]),
-        readiness_probe: Some(http_probe("/readyz", 2, 3, None)),
+        // Readiness is what moves a stuck worker's partitions elsewhere (the
+        // plan assigns only to Ready slots), so it is checked every second.
+        readiness_probe: Some(Probe {
+            timeout_seconds: Some(1),
+            ..http_probe("/readyz", 1, 2, None)
+        }),
         liveness_probe: Some(http_probe("/healthz", 10, 3, Some(10))),
         resources: spec.workers.resources.clone(),
         security_context: Some(container_security_context()),

@@ -242,13 +242,14 @@ impl<W: PartitionWorker> LeaseKeeper<W> {
                 partition,
                 epoch,
                 deadline_millis,
+                expires_in_millis,
             } => {
                 if let Some(h) = self.held.get(&(lane.clone(), partition)) {
                     if h.guard.epoch == epoch {
                         if !h.guard.is_releasing() {
                             info!(%lane, partition, epoch, deadline_millis, "releasing");
                         }
-                        h.guard.renew(sent + deadline_millis);
+                        h.guard.renew(sent + expires_in_millis.min(deadline_millis));
                         h.guard.release();
                     }
                 }

@@ -120,6 +120,27 @@ impl LeaseTable {
             }
         }
 
+        // Leases this slot holds but neither reports nor released: it no
+        // longer works on them (it restarted, or killed that work), so they
+        // are free now rather than when they expire.
+        for ((lane, partition), lease) in self.leases.iter_mut() {
+            let reported = req
+                .holdings
+                .iter()
+                .chain(&req.released)
+                .any(|h| &h.lane == lane && h.partition == *partition);
+            if lease.holder.as_deref() == Some(slot) && !reported {
+                lease.holder = None;
+                lease.release_by = None;
+                changes.push(OwnerChange {
+                    lane: lane.clone(),
+                    partition: *partition,
+                    holder: None,
+                    epoch: lease.epoch,
+                });
+            }
+        }
+
         let mut held = Vec::new();
         for h in &req.holdings {
             let key = (h.lane.clone(), h.partition);
@@ -153,12 +174,15 @@ impl LeaseTable {
                 let deadline = *lease
                     .release_by
                     .get_or_insert(now + self.assignment.drain_millis.max(1));
-                lease.expires_at = deadline;
+                // A draining owner must still heartbeat: if it dies mid-drain
+                // the lease runs out after one lease length, not at the deadline.
+                lease.expires_at = deadline.min(now + self.lease_millis);
                 directives.push(Directive::Release {
                     lane: h.lane.clone(),
                     partition: h.partition,
                     epoch: h.epoch,
                     deadline_millis: deadline.saturating_sub(now),
+                    expires_in_millis: lease.expires_at.saturating_sub(now),
                 });
             }
         }
@@ -308,6 +332,69 @@ mod tests {
         assert_eq!(c[0].holder, None);
         let (d, _) = t.heartbeat(&beat("b", &[], &[]), 310);
         assert!(matches!(d[..], [Directive::Acquire { epoch: 2, .. }]));
+    }
+
+    #[test]
+    fn an_owner_that_dies_while_draining_loses_the_lease_after_one_lease_length() {
+        let mut t = LeaseTable::new(LEASE);
+        t.set_assignment(Assignment {
+            drain_millis: 60_000,
+            ..assign(&[(0, "a")])
+        });
+        t.heartbeat(&beat("a", &[], &[]), 0);
+        t.set_assignment(Assignment {
+            drain_millis: 60_000,
+            ..assign(&[(0, "b")])
+        });
+        let (d, _) = t.heartbeat(&beat("a", &[(0, 1)], &[]), 100);
+        assert!(matches!(
+            d[..],
+            [Directive::Release {
+                deadline_millis: 60_000,
+                expires_in_millis: LEASE,
+                ..
+            }]
+        ));
+        // a dies mid-drain: b gets the partition once the lease runs out, not after the drain deadline.
+        let (d, _) = t.heartbeat(&beat("b", &[], &[]), 100 + LEASE - 1);
+        assert!(d.is_empty());
+        let (d, _) = t.heartbeat(&beat("b", &[], &[]), 100 + LEASE);
+        assert!(matches!(d[..], [Directive::Acquire { epoch: 2, .. }]));
+    }
+
+    #[test]
+    fn a_restarted_owner_frees_what_it_no_longer_reports() {
+        let mut t = LeaseTable::new(LEASE);
+        t.set_assignment(assign(&[(0, "a"), (1, "a")]));
+        t.heartbeat(&beat("a", &[], &[]), 0);
+        t.set_assignment(assign(&[(0, "a"), (1, "b")]));
+        // a restarts and reports nothing: partition 1 is free for b at once,
+        // and a starts over on partition 0 at a new epoch.
+        let (d, c) = t.heartbeat(&beat("a", &[], &[]), 10);
+        assert!(
+            matches!(
+                d[..],
+                [Directive::Acquire {
+                    partition: 0,
+                    epoch: 2,
+                    ..
+                }]
+            ),
+            "{d:?}"
+        );
+        assert!(c.iter().any(|c| c.partition == 1 && c.holder.is_none()));
+        let (d, _) = t.heartbeat(&beat("b", &[], &[]), 20);
+        assert!(
+            matches!(
+                d[..],
+                [Directive::Acquire {
+                    partition: 1,
+                    epoch: 2,
+                    ..
+                }]
+            ),
+            "{d:?}"
+        );
     }
 
     #[test]
