@@ -6,12 +6,14 @@ CLUSTER := e2e/cluster
 
 .PHONY: run test lint fmt unit e2e cluster-up cluster-down cluster-status cluster-purge generate
 
-## Brings up the local cluster (building or reusing cached components) and
-## leaves it running; prints the kubeconfig and Kafka address.
+## The main job: brings up the local cluster (building or reusing cached
+## components), installs the operator from manifests/, runs the example
+## RenderJob over example events, and leaves it all running.
 run: cluster-up
+	$(CLUSTER)/demo
 	@echo
 	@echo "export KUBECONFIG=$$PWD/.cluster/admin.kubeconfig PATH=$$PWD/.cluster/bin:\$$PATH"
-	@echo "then: kubectl get nodes; make cluster-down when done"
+	@echo "then: kubectl get rj; kubectl describe rj demo; make cluster-down when done"
 
 ## Every check CI runs: formatting, lints, unit tests, then the end-to-end
 ## tests on a fresh local cluster, and last the test that stops it.

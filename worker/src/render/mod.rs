@@ -12,6 +12,7 @@ mod partition;
 mod task;
 pub mod template;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -70,6 +71,10 @@ pub struct RenderArgs {
     /// Address of /healthz, /readyz and /metrics; defaults to `$POD_IP:8081`.
     #[arg(long, env = "HEALTH_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// A bounded lane (the backlog): JSON object partition -> end offset
+    /// (exclusive). Messages at or past a partition's end are left alone.
+    #[arg(long, env = "END_OFFSETS")]
+    pub end_offsets: Option<String>,
     /// How long a SIGTERM drain may take before in-flight renders are killed.
     #[arg(long, env = "DRAIN_TIMEOUT_SECONDS", default_value_t = 25)]
     pub drain_timeout_seconds: u64,
@@ -85,6 +90,23 @@ pub struct RenderConfig {
     pub command: Vec<String>,
     pub timeout: Duration,
     pub concurrency: usize,
+    /// Partition -> end offset (exclusive), for a bounded lane.
+    pub end_offsets: Option<HashMap<i32, i64>>,
+}
+
+/// Parses `END_OFFSETS`: `{"0": 167, "1": 166}`.
+pub fn parse_end_offsets(json: &str) -> anyhow::Result<HashMap<i32, i64>> {
+    let raw: HashMap<String, i64> = serde_json::from_str(json).map_err(|e| {
+        anyhow::anyhow!("END_OFFSETS must be a JSON object partition -> offset: {e}")
+    })?;
+    raw.into_iter()
+        .map(|(p, end)| {
+            let p = p
+                .parse::<i32>()
+                .map_err(|_| anyhow::anyhow!("END_OFFSETS: {p:?} is not a partition number"))?;
+            Ok((p, end))
+        })
+        .collect()
 }
 
 pub struct RenderWorker {
@@ -137,6 +159,11 @@ pub async fn run(args: RenderArgs) -> anyhow::Result<()> {
             command,
             timeout: Duration::from_secs(args.timeout_seconds.max(1)),
             concurrency: args.concurrency.max(1),
+            end_offsets: args
+                .end_offsets
+                .as_deref()
+                .map(parse_end_offsets)
+                .transpose()?,
         },
         client: client.clone(),
         outputs,
@@ -179,4 +206,20 @@ pub async fn run(args: RenderArgs) -> anyhow::Result<()> {
     let ((), served) = tokio::join!(work, http);
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_offsets_parse_and_bad_ones_say_why() {
+        let e = parse_end_offsets(r#"{"0": 167, "11": 5}"#).unwrap();
+        assert_eq!((e[&0], e[&11]), (167, 5));
+        assert!(parse_end_offsets(r#"{"x": 1}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("not a partition"));
+        assert!(parse_end_offsets("[1]").is_err());
+    }
 }

@@ -64,6 +64,13 @@ impl RenderWorker {
         let mut stream = consumer.stream();
         let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
         let mut releasing = false;
+        // A bounded lane stops reading at the partition's end offset.
+        let end = self
+            .config
+            .end_offsets
+            .as_ref()
+            .map(|ends| ends.get(&guard.partition).copied().unwrap_or(0));
+        let mut exhausted = false;
         loop {
             tokio::select! {
                 biased;
@@ -80,7 +87,7 @@ impl RenderWorker {
                     info!(in_flight = tracker.in_flight(), "release: no more fetching; finishing in-flight tasks");
                 }
                 _ = commit_tick.tick() => self.commit(&consumer, &guard, &mut tracker, false),
-                next = stream.next(), if !releasing && tracker.in_flight() < window => {
+                next = stream.next(), if !releasing && !exhausted && tracker.in_flight() < window => {
                     let Some(next) = next else { break };
                     let msg = match next {
                         Ok(m) => m,
@@ -91,6 +98,11 @@ impl RenderWorker {
                         }
                     };
                     let offset = msg.offset();
+                    if end.is_some_and(|end| offset >= end) {
+                        info!(offset, "reached the end of the range");
+                        exhausted = true;
+                        continue;
+                    }
                     tracker.start(offset);
                     let parsed = message::parse(
                         msg.key(),
