@@ -258,3 +258,87 @@ async fn bad_messages_and_failing_renders_are_set_aside_with_reasons() {
     ]);
     assert!(events.contains("TasksFailed"), "events:\n{events}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_job_is_left_alone_until_resumed() {
+    let c = Cluster::get();
+    fleetkit::install_operator(&c).await;
+    let ns = c.namespace("rjpause");
+    let ws = Workspace::new();
+    let topic = fleetkit::unique("render-pause");
+    fleetkit::create_topic(&c.kafka, &topic, 2).await;
+    c.apply_ok_in(Some(&ns.name), &render_job_yaml("p", &topic, &ws, ""));
+    wait_status(
+        &c,
+        &ns.name,
+        "p",
+        "2 workers ready",
+        Duration::from_secs(90),
+        |rj| rj["status"]["workers"] == "2/2",
+    )
+    .await;
+
+    c.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "annotate",
+        "rj",
+        "p",
+        "matchfleet.io/paused=true",
+    ]);
+    wait_status(
+        &c,
+        &ns.name,
+        "p",
+        "Progressing False Paused",
+        Duration::from_secs(30),
+        |rj| {
+            rj["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Progressing" && c["reason"] == "Paused")
+            })
+        },
+    )
+    .await;
+    c.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "delete",
+        "pod",
+        "p-live-blue-1",
+        "--wait=true",
+    ]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pods = c.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "get",
+        "pods",
+        "-l",
+        "matchfleet.io/lane=live",
+        "-o",
+        "name",
+    ]);
+    assert!(
+        !pods.contains("p-live-blue-1"),
+        "recreated while paused: {pods}"
+    );
+
+    c.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "annotate",
+        "rj",
+        "p",
+        "matchfleet.io/paused-",
+    ]);
+    wait_status(
+        &c,
+        &ns.name,
+        "p",
+        "2 workers again after resuming",
+        Duration::from_secs(60),
+        |rj| rj["status"]["workers"] == "2/2",
+    )
+    .await;
+}
