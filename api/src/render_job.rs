@@ -3,6 +3,8 @@
 //! render service, done right). An optional backlog lane works through a
 //! bounded range of old messages by a deadline.
 
+use std::collections::BTreeMap;
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -128,11 +130,12 @@ pub struct BacklogSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub from_offset: Option<i64>,
-    /// The range ends where the live lane started reading when the backlog was created.
-    /// The time by which every message of the range must be rendered (RFC 3339).
+    /// The time by which every message of the range must be rendered (RFC 3339). The range ends
+    /// where the live lane was when the backlog started; the operator sizes the lane to finish
+    /// just before this time rather than as fast as possible.
     #[schemars(regex(pattern = RFC3339))]
     pub finish_by: String,
-    /// The most backlog workers.
+    /// The most backlog workers. Never more than the partitions whose range is unfinished are used.
     #[serde(default = "default_backlog_replicas")]
     #[schemars(range(min = 1, max = 1024))]
     pub max_replicas: i32,
@@ -190,19 +193,62 @@ pub struct RenderJobStatus {
     pub backlog: Option<BacklogStatus>,
 }
 
-/// Progress of the backlog lane.
+/// Progress of the backlog lane. The range is captured once, when the backlog
+/// starts; the rest is updated on every reconcile while it runs.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BacklogStatus {
     /// Messages in the range.
     pub total: i64,
-    /// Messages of the range done.
+    /// Messages of the range done: the backlog group's committed offsets within the range, so
+    /// dead-lettered, failed and retention-deleted messages count as done too.
     pub done: i64,
     /// Backlog workers now.
     pub replicas: i32,
-    /// When the range will be done at the current rate (RFC 3339).
+    /// When the range will be done at the current rate, following the planned sizing (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<String>,
     /// True once every message of the range is done; the lane is then removed.
     pub finished: bool,
+    /// Backlog workers ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Partition -> first offset of the range, captured when the backlog started.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub start: BTreeMap<String, i64>,
+    /// Partition -> end of the range (exclusive), captured when the backlog started: the live
+    /// lane's offsets at that time, where the live lane starts, so the two lanes never overlap.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub end: BTreeMap<String, i64>,
+    /// Partition -> backlog slot index, as sent to the progress service; unfinished partitions only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub assignment: BTreeMap<String, i32>,
+    /// Tasks per second one backlog worker does, an exponentially weighted average of the
+    /// measured rate, e.g. `8.250`. Absent until it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_worker: Option<String>,
+    /// `done` at the last rate sample; absent for the first sample after the workers changed,
+    /// because the interval after it still has their start in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_done: Option<i64>,
+    /// When the last rate sample was taken (RFC 3339, milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sample_time: Option<String>,
+    /// Backlog workers holding partitions at the last rate sample; a sample is used only when
+    /// this did not change in between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sample_workers: Option<i32>,
+    /// When the number of backlog workers last changed (RFC 3339); scale-downs wait 15 s after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
+    /// When the range was captured and the backlog started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// The time the sizing aims to finish by (RFC 3339): 80% of the way from `startedAt` to
+    /// `finishBy`, so the backlog ends just before its deadline with a margin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// When the range was seen done (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
 }

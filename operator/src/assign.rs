@@ -94,6 +94,32 @@ pub fn assign_available(
         .collect()
 }
 
+/// Like [`assign_available`], over only the listed partitions (the backlog's
+/// unfinished ones): the same balance and stickiness among them; entries of
+/// `previous` for other partitions are dropped.
+pub fn assign_partitions(
+    partitions: &[i32],
+    available: &[i32],
+    previous: &SlotAssignment,
+) -> SlotAssignment {
+    let mut ids = partitions.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let dense: BTreeMap<i32, i32> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (*p, i as i32))
+        .collect();
+    let previous_dense: SlotAssignment = previous
+        .iter()
+        .filter_map(|(p, s)| Some((*dense.get(p)?, *s)))
+        .collect();
+    assign_available(ids.len() as i32, available, &previous_dense)
+        .into_iter()
+        .filter_map(|(i, s)| Some((*ids.get(i as usize)?, s)))
+        .collect()
+}
+
 /// Partitions whose slot differs between two assignments (partitions only in
 /// one of them do not count: they were added or removed, not moved).
 pub fn moves(before: &SlotAssignment, after: &SlotAssignment) -> usize {
@@ -136,6 +162,34 @@ mod tests {
         // Slot 0 back: it gets a fair share again, taken from the others.
         let back = assign_available(12, &[0, 1, 2], &after);
         assert_eq!(loads(&back, 3), vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn a_subset_of_partitions_is_balanced_and_sticky() {
+        let all = assign_partitions(&[0, 1, 2, 3, 4, 5], &[0, 1, 2], &SlotAssignment::new());
+        assert_eq!(loads(&all, 3), vec![2, 2, 2]);
+        // Partitions 1 and 3 finish: the rest stay where they were.
+        let fewer = assign_partitions(&[0, 2, 4, 5], &[0, 1, 2], &all);
+        assert_eq!(fewer.keys().copied().collect::<Vec<_>>(), [0, 2, 4, 5]);
+        assert_eq!(moves(&all, &fewer), 0);
+        // Two on one slot finish: one partition moves to it, to balance.
+        let rebalanced = assign_partitions(&[1, 2, 4, 5], &[0, 1, 2], &all);
+        assert_eq!(moves(&all, &rebalanced), 1);
+        assert_eq!(loads(&rebalanced, 3).iter().filter(|n| **n == 0).count(), 0);
+        // One slot fewer: only its partitions move.
+        let smaller = assign_partitions(&[0, 2, 4, 5], &[0, 1], &fewer);
+        assert!(smaller.values().all(|s| *s < 2));
+        for (p, s) in &fewer {
+            if *s < 2 {
+                assert_eq!(smaller[p], *s);
+            }
+        }
+        // No slot available: the previous placements of the listed partitions.
+        assert_eq!(
+            assign_partitions(&[3, 5], &[], &all),
+            [(3, all[&3]), (5, all[&5])].into()
+        );
+        assert!(assign_partitions(&[], &[0], &all).is_empty());
     }
 
     #[test]

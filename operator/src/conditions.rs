@@ -10,6 +10,17 @@ pub fn rfc3339(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// RFC 3339 in UTC with milliseconds, for times that rates are computed from.
+pub fn rfc3339_millis(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// A time the status or spec holds (RFC 3339, any offset); `None` when it is
+/// not one (the status is user-writable, so it may hold anything).
+pub fn parse_time(s: &str) -> Option<Timestamp> {
+    s.trim().parse().ok()
+}
+
 /// What a condition should say now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Want {
@@ -103,5 +114,18 @@ mod tests {
     fn formats_rfc3339_seconds() {
         let t = Timestamp::from_second(1_800_000_000).unwrap();
         assert_eq!(rfc3339(t), "2027-01-15T08:00:00Z");
+    }
+
+    #[test]
+    fn millisecond_times_round_trip() {
+        let t = Timestamp::from_millisecond(1_800_000_000_250).unwrap();
+        assert_eq!(rfc3339_millis(t), "2027-01-15T08:00:00.250Z");
+        assert_eq!(parse_time(&rfc3339_millis(t)), Some(t));
+        assert_eq!(
+            parse_time("2027-01-15T09:00:00+01:00"),
+            Some(Timestamp::from_second(1_800_000_000).unwrap())
+        );
+        assert_eq!(parse_time("2027-02-30T00:00:00Z"), None);
+        assert_eq!(parse_time("soon"), None);
     }
 }

@@ -5,11 +5,12 @@
 //! The reconcile is observe -> plan -> act: [`observe`] reads the API server,
 //! Kafka ([`kafka`]) and the progress service ([`progress_client`]); [`plan`]
 //! is a pure function over what was observed, built from [`names`],
-//! [`resources`], [`assign`] and [`conditions`]; [`reconcile`] acts on the plan.
+//! [`resources`], [`assign`], [`backlog`] and [`conditions`]; [`reconcile`] acts on the plan.
 //! [`leader`] makes sure only one replica acts; [`http`] and [`metrics`]
 //! serve the admin endpoints.
 
 pub mod assign;
+pub mod backlog;
 pub mod conditions;
 pub mod duration;
 pub mod http;

@@ -13,7 +13,7 @@ pub const MANAGER: &str = "matchfleet-operator";
 pub const PART_OF: &str = "app.kubernetes.io/part-of";
 /// The RenderJob an object belongs to (value: its name).
 pub const RENDERJOB: &str = "matchfleet.io/renderjob";
-/// The lane of a worker pod (`live`, later `backlog`).
+/// The lane of a worker pod (`live` or `backlog`).
 pub const LANE: &str = "matchfleet.io/lane";
 /// The color of a worker pod (`blue` or `green`).
 pub const COLOR: &str = "matchfleet.io/color";
@@ -28,8 +28,10 @@ pub const PAUSED: &str = "matchfleet.io/paused";
 pub const COMPONENT_PROGRESS: &str = "progress";
 pub const COMPONENT_WORKER: &str = "worker";
 
-/// The only lane built so far.
+/// The lane that follows the topic as events arrive.
 pub const LANE_LIVE: &str = "live";
+/// The lane that renders a bounded range of old events by a deadline (`spec.backlog`).
+pub const LANE_BACKLOG: &str = "backlog";
 /// The design reserves `blue`/`green` for cutovers; only `blue` exists until then.
 pub const COLOR_BLUE: &str = "blue";
 

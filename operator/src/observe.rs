@@ -11,8 +11,9 @@ use kube::{Api, Client, ResourceExt};
 use matchfleet_api::progress::ProgressStatus;
 use matchfleet_api::RenderJob;
 
+use crate::backlog;
 use crate::kafka::{Kafka, KafkaObservation};
-use crate::names::{self, COLOR_BLUE, LANE_LIVE};
+use crate::names::{self, COLOR_BLUE, LANE_BACKLOG, LANE_LIVE};
 use crate::progress_client::ProgressClient;
 use crate::resources::Owner;
 
@@ -34,7 +35,10 @@ const BROKEN_WAITING: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WorkerPod {
     pub name: String,
-    /// The live lane's (blue) slot index, when the name is one of ours.
+    /// `backlog` for the backlog lane's pods; anything else is the live lane's
+    /// (which removes pods of ours it does not recognise).
+    pub lane: String,
+    /// The slot index within its lane (color blue), when the name is one of ours.
     pub slot: Option<i32>,
     pub template_hash: Option<String>,
     pub ready: bool,
@@ -74,8 +78,20 @@ pub fn worker_pod(job: &str, pod: &Pod, now: Timestamp) -> WorkerPod {
     let finished = status
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let live = names::parse_worker_pod_name(job, LANE_LIVE, COLOR_BLUE, &name);
+    let backlog = names::parse_worker_pod_name(job, LANE_BACKLOG, COLOR_BLUE, &name);
+    let lane = match (live, backlog) {
+        (Some(_), _) => LANE_LIVE,
+        (None, Some(_)) => LANE_BACKLOG,
+        // Not a slot name: the lane label says whose it is.
+        (None, None) => match pod.labels().get(names::LANE).map(String::as_str) {
+            Some(LANE_BACKLOG) => LANE_BACKLOG,
+            _ => LANE_LIVE,
+        },
+    };
     WorkerPod {
-        slot: names::parse_worker_pod_name(job, LANE_LIVE, COLOR_BLUE, &name),
+        lane: lane.to_string(),
+        slot: live.or(backlog),
         template_hash: pod.annotations().get(names::TEMPLATE_HASH).cloned(),
         ready,
         terminating: pod.metadata.deletion_timestamp.is_some(),
@@ -142,7 +158,12 @@ pub async fn observe(
     let (pods, deployment, kafka, status) = tokio::join!(
         pods_api.list(&list),
         deployments.get_opt(&progress_name),
-        kafka.observe(&spec.source.bootstrap_servers, &spec.source.topic, &group),
+        kafka.observe(
+            &spec.source.bootstrap_servers,
+            &spec.source.topic,
+            &group,
+            backlog::query(job, owner),
+        ),
         progress.status(&url),
     );
     let now = Timestamp::now();
@@ -223,8 +244,15 @@ mod tests {
         assert_eq!(w.template_hash.as_deref(), Some("h1"));
         assert!(w.ready && !w.terminating && !w.finished);
         assert_eq!(w.restarting, None);
-        let other = worker_pod("demo", &pod("demo-backlog-blue-3"), now());
-        assert_eq!(other.slot, None);
+        assert_eq!(w.lane, "live");
+        let b = worker_pod("demo", &pod("demo-backlog-blue-3"), now());
+        assert_eq!((b.lane.as_str(), b.slot), ("backlog", Some(3)));
+        // A name that is no slot: its lane label decides, else it is the live lane's.
+        let mut odd = pod("demo-backlog-blue-03");
+        assert_eq!(worker_pod("demo", &odd, now()).lane, "live");
+        odd.metadata.labels = Some([(names::LANE.to_string(), "backlog".to_string())].into());
+        let o = worker_pod("demo", &odd, now());
+        assert_eq!((o.lane.as_str(), o.slot), ("backlog", None));
     }
 
     #[test]

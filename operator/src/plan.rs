@@ -14,10 +14,11 @@ use matchfleet_api::progress::Assignment;
 use matchfleet_api::{RenderJob, RenderJobStatus};
 
 use crate::assign;
+use crate::backlog::{self, LanePlan};
 use crate::conditions::{self, Want};
 use crate::duration::format_millis;
 use crate::kafka::TopicState;
-use crate::names::{self, COLOR_BLUE, LANE_LIVE};
+use crate::names::{self, COLOR_BLUE, LANE_BACKLOG, LANE_LIVE};
 use crate::observe::{Observed, WorkerPod};
 use crate::resources::{self, Owner};
 
@@ -67,11 +68,23 @@ impl PlannedEvent {
     }
 }
 
+/// Offsets to commit under a lane's consumer group before any worker pod is
+/// created (the backlog's start: DESIGN.md §5.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub lane: &'static str,
+    pub group: String,
+    /// Partition -> the next offset the lane reads.
+    pub offsets: BTreeMap<i32, i64>,
+}
+
 /// What one reconcile does.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     /// The progress service to server-side apply (`None` when paused or invalid).
     pub progress: Option<(Deployment, Service)>,
+    /// Commits to make first; if they fail, no pod is created.
+    pub seeds: Vec<Seed>,
     pub create: Vec<Pod>,
     /// Pod names to delete.
     pub delete: Vec<String>,
@@ -95,7 +108,7 @@ pub fn desired_replicas(workers: &WorkerSpec, partitions: i32) -> i32 {
         .min(partitions)
 }
 
-/// What to do about the worker pods of the live lane.
+/// What to do about the worker pods of a lane.
 #[derive(Debug, Default, PartialEq)]
 struct PodActions {
     create: Vec<i32>,
@@ -104,17 +117,24 @@ struct PodActions {
     rolling: bool,
 }
 
-/// Create every missing slot at once; delete at most one pod per reconcile:
-/// a finished pod, else an extra one (highest slot first), else an outdated
-/// one that is not ready, else an outdated ready one, but only once every
-/// other slot is ready and nothing else is starting or stopping (a rolling
-/// replacement with at most one slot down).
-fn pod_actions(job: &str, pods: &[WorkerPod], desired: i32, hash: &str) -> PodActions {
+/// Create every missing slot of `lane` at once; delete at most one pod per
+/// reconcile: a finished pod, else an extra one (highest slot first), else an
+/// outdated one that is not ready, else an outdated ready one, but only once
+/// every other slot is ready and nothing else is starting or stopping (a
+/// rolling replacement with at most one slot down). With `extras_at_once`
+/// every extra pod goes in one reconcile (the backlog lane: its extra pods
+/// have no partitions left in the assignment and only cost).
+fn pod_actions(
+    job: &str,
+    lane: &str,
+    pods: &[WorkerPod],
+    desired: i32,
+    hash: &str,
+    extras_at_once: bool,
+) -> PodActions {
     let present: BTreeSet<&str> = pods.iter().map(|p| p.name.as_str()).collect();
     let create: Vec<i32> = (0..desired)
-        .filter(|&i| {
-            !present.contains(names::worker_pod_name(job, LANE_LIVE, COLOR_BLUE, i).as_str())
-        })
+        .filter(|&i| !present.contains(names::worker_pod_name(job, lane, COLOR_BLUE, i).as_str()))
         .collect();
 
     let running: Vec<&WorkerPod> = pods.iter().filter(|p| !p.terminating).collect();
@@ -133,7 +153,7 @@ fn pod_actions(job: &str, pods: &[WorkerPod], desired: i32, hash: &str) -> PodAc
         .collect();
     let all_ready = kept.len() == desired as usize && kept.iter().all(|p| p.ready);
 
-    let delete = finished
+    let mut delete: Vec<String> = finished
         .first()
         .or(extra.first())
         .or(outdated.iter().find(|p| !p.ready))
@@ -142,6 +162,13 @@ fn pod_actions(job: &str, pods: &[WorkerPod], desired: i32, hash: &str) -> PodAc
             .filter(|_| all_ready && !terminating && create.is_empty()))
         .map(|p| vec![p.name.clone()])
         .unwrap_or_default();
+    if extras_at_once {
+        for p in &extra {
+            if !delete.contains(&p.name) {
+                delete.push(p.name.clone());
+            }
+        }
+    }
     let rolling = !create.is_empty()
         || !delete.is_empty()
         || terminating
@@ -174,7 +201,7 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
 
     // Partitions and lag. When Kafka is unreachable, the last known partition
     // count keeps the fleet as it is rather than scaling it to nothing.
-    let (partitions, lag) = match &obs.kafka.topic {
+    let (partitions, mut lag) = match &obs.kafka.topic {
         TopicState::Found { partitions } => (Some(*partitions), obs.kafka.lag.unwrap_or(prev.lag)),
         TopicState::NotFound => (Some(0), 0),
         TopicState::Unreachable { .. } => {
@@ -184,13 +211,66 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
     let desired = partitions.map(|p| desired_replicas(&spec.workers, p));
     let replicas = desired.unwrap_or(prev.live.replicas);
     let hash = resources::worker_template_hash(owner, spec);
+    let (backlog_pods, live_pods): (Vec<WorkerPod>, Vec<WorkerPod>) = obs
+        .pods
+        .iter()
+        .cloned()
+        .partition(|p| p.lane == LANE_BACKLOG);
 
-    let actions = match desired {
-        Some(d) if !paused => pod_actions(name, &obs.pods, d, &hash),
+    // The backlog lane: planned first, because until its range is captured
+    // and the groups are seeded no worker of either lane may start.
+    let lane = if paused {
+        LanePlan {
+            status: prev.backlog.clone(),
+            ..LanePlan::default()
+        }
+    } else {
+        backlog::plan_lane(&backlog::Inputs {
+            spec: spec.backlog.as_ref(),
+            prev: prev.backlog.as_ref(),
+            now: obs.now,
+            kafka: &obs.kafka,
+            pods: &backlog_pods,
+            progress: obs.progress.status.as_ref(),
+        })
+    };
+    // The reconcile that seeds the live group: its lag as it will be.
+    if let (Some(seeds), Some(offsets)) = (&lane.seeds, &obs.kafka.offsets) {
+        let mut seeded = offsets.clone();
+        seeded
+            .live_committed
+            .extend(seeds.live.iter().map(|(p, o)| (*p, *o)));
+        lag = crate::kafka::total_lag(&seeded);
+    }
+    let backlog_end = lane
+        .status
+        .as_ref()
+        .map(|b| b.end.clone())
+        .unwrap_or_default();
+    let backlog_lane = resources::Lane::Backlog { end: &backlog_end };
+    let backlog_hash = resources::lane_template_hash(owner, spec, backlog_lane);
+    let backlog_actions = if paused {
+        PodActions::default()
+    } else {
+        pod_actions(
+            name,
+            LANE_BACKLOG,
+            &backlog_pods,
+            lane.replicas,
+            &backlog_hash,
+            true,
+        )
+    };
+
+    let mut actions = match desired {
+        Some(d) if !paused => pod_actions(name, LANE_LIVE, &live_pods, d, &hash, false),
         _ => PodActions::default(),
     };
-    let ready_replicas = obs
-        .pods
+    if lane.hold {
+        actions.create.clear();
+        actions.rolling = !actions.delete.is_empty();
+    }
+    let ready_replicas = live_pods
         .iter()
         .filter(|p| p.ready && !p.terminating && p.slot.is_some_and(|s| s < replicas))
         .count() as i32;
@@ -200,8 +280,7 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
     let slots = match (paused, partitions, desired) {
         (false, Some(p), Some(d)) => {
             let previous = assign::from_status(&prev.live.assignment);
-            let mut available: Vec<i32> = obs
-                .pods
+            let mut available: Vec<i32> = live_pods
                 .iter()
                 .filter(|pod| pod.ready && !pod.terminating)
                 .filter_map(|pod| pod.slot.filter(|s| *s < d))
@@ -216,14 +295,23 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
         }
         _ => None,
     };
-    let assignment = slots.as_ref().map(|a| Assignment {
-        lanes: BTreeMap::from([(
-            LANE_LIVE.to_string(),
-            a.iter()
-                .map(|(p, s)| (*p, names::worker_pod_name(name, LANE_LIVE, COLOR_BLUE, *s)))
-                .collect(),
-        )]),
-        drain_millis: resources::drain_millis(spec),
+    let slot_names = |l: &str, a: &assign::SlotAssignment| -> BTreeMap<i32, String> {
+        a.iter()
+            .map(|(p, s)| (*p, names::worker_pod_name(name, l, COLOR_BLUE, *s)))
+            .collect()
+    };
+    let assignment = slots.as_ref().map(|a| {
+        let mut lanes = BTreeMap::from([(LANE_LIVE.to_string(), slot_names(LANE_LIVE, a))]);
+        if !lane.assignment.is_empty() {
+            lanes.insert(
+                LANE_BACKLOG.to_string(),
+                slot_names(LANE_BACKLOG, &lane.assignment),
+            );
+        }
+        Assignment {
+            lanes,
+            drain_millis: resources::drain_millis(spec),
+        }
     });
 
     // Counters: the last known values while the progress service does not
@@ -312,8 +400,11 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
                 names::PAUSED
             ),
         )
-    } else if lag > 0 || actions.rolling {
+    } else if lag > 0 || actions.rolling || lane.running {
         let mut what = Vec::new();
+        if let Some(m) = &lane.message {
+            what.push(m.clone());
+        }
         if lag > 0 {
             what.push(format!("lag {lag} messages"));
         }
@@ -350,6 +441,8 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
             String::new()
         };
         Want::new(DEGRADED, true, "WorkerRestarting", format!("{first}{tail}"))
+    } else if let Some(problem) = &lane.problem {
+        Want::new(DEGRADED, true, "InvalidBacklog", problem.clone())
     } else if failed > 0 {
         Want::new(
             DEGRADED,
@@ -394,6 +487,8 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
         events.push(PlannedEvent::normal("Resumed", "resumed".to_string()));
     }
 
+    events.extend(lane.events.iter().cloned());
+
     // Poll fast while things move or are about to (pods starting, the
     // progress service coming up); a missing topic or an unreachable Kafka
     // is waited out at the idle pace.
@@ -427,8 +522,22 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
                 .map(assign::to_status)
                 .unwrap_or(prev.live.assignment.clone()),
         },
-        // The backlog lane is not built yet: whatever is there stays.
-        backlog: prev.backlog.clone(),
+        backlog: lane.status.clone(),
+    };
+    let seeds = match &lane.seeds {
+        Some(s) => {
+            let group = |l: &str| names::consumer_group(&owner.namespace, name, l);
+            [(LANE_LIVE, &s.live), (LANE_BACKLOG, &s.backlog)]
+                .into_iter()
+                .filter(|(_, offsets)| !offsets.is_empty())
+                .map(|(l, offsets)| Seed {
+                    lane: l,
+                    group: group(l),
+                    offsets: offsets.clone(),
+                })
+                .collect()
+        }
+        None => Vec::new(),
     };
 
     Plan {
@@ -438,12 +547,23 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
                 resources::progress_service(owner),
             )
         }),
+        seeds,
         create: actions
             .create
             .iter()
             .map(|&i| resources::worker_pod(owner, spec, i, &hash))
+            .chain(
+                backlog_actions
+                    .create
+                    .iter()
+                    .map(|&i| resources::lane_pod(owner, spec, backlog_lane, i, &backlog_hash)),
+            )
             .collect(),
-        delete: actions.delete,
+        delete: actions
+            .delete
+            .into_iter()
+            .chain(backlog_actions.delete)
+            .collect(),
         assignment,
         status,
         events,
@@ -476,6 +596,7 @@ pub fn invalid(job: &RenderJob, message: &str, now: k8s_openapi::jiff::Timestamp
     .collect();
     Plan {
         progress: None,
+        seeds: Vec::new(),
         create: Vec::new(),
         delete: Vec::new(),
         assignment: None,
@@ -528,6 +649,36 @@ pub fn assignment_failed(
         ),
     );
     set_condition(status, previous, want, now);
+}
+
+/// The seeding commits failed: nothing that depends on them happens (no pod
+/// is created, the backlog is not recorded as started, its lane is not
+/// assigned), Degraded says why, and the next reconcile captures and seeds
+/// again (both are idempotent: partitions seeded already keep their offsets).
+pub fn seeding_failed(
+    plan: &mut Plan,
+    previous: Option<&RenderJobStatus>,
+    group: &str,
+    error: &str,
+    now: k8s_openapi::jiff::Timestamp,
+) {
+    plan.create.clear();
+    plan.status.backlog = previous.and_then(|p| p.backlog.clone());
+    plan.events.retain(|e| !e.reason.starts_with("Backlog"));
+    if let Some(a) = plan.assignment.as_mut() {
+        a.lanes.remove(LANE_BACKLOG);
+    }
+    plan.requeue = plan.requeue.min(REQUEUE_BUSY);
+    let want = Want::new(
+        DEGRADED,
+        true,
+        "BacklogNotStarted",
+        format!(
+            "cannot commit the starting offsets of consumer group {group}: {error}; no worker starts until they are committed, retrying"
+        ),
+    );
+    let previous = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    set_condition(&mut plan.status, previous, want, now);
 }
 
 /// The API server refused a worker pod (an invalid `spec.workers.env` or
@@ -602,6 +753,8 @@ mod tests {
             kafka: KafkaObservation {
                 topic: TopicState::Found { partitions },
                 lag: Some(lag),
+                offsets: None,
+                backlog: None,
             },
         }
     }
@@ -814,6 +967,8 @@ mod tests {
         obs.kafka = KafkaObservation {
             topic: TopicState::NotFound,
             lag: Some(0),
+            offsets: None,
+            backlog: None,
         };
         let p = run(&j, &obs);
         assert!(p.create.is_empty());
@@ -1053,5 +1208,295 @@ mod tests {
         let mut p = run(&j, &observed(2, 0, vec![pod(&j, 0)]));
         assignment_failed(&mut p.status, &[], "demo", "HTTP 503", now());
         assert_eq!(cond(&p, READY).reason, "WorkersNotReady");
+    }
+
+    // The backlog lane.
+
+    use crate::kafka::{BacklogOffsets, TopicOffsets};
+    use matchfleet_api::progress::LeaseView;
+    use matchfleet_api::render_job::BacklogSpec;
+
+    fn with_backlog(j: &RenderJob) -> RenderJob {
+        let mut j = j.clone();
+        j.spec.backlog = Some(BacklogSpec {
+            from_timestamp: None,
+            from_offset: Some(0),
+            finish_by: "2027-01-15T08:01:30Z".to_string(),
+            max_replicas: 6,
+        });
+        j
+    }
+
+    /// 4 partitions of 100 messages; the backlog group committed `committed`.
+    fn with_offsets(mut obs: Observed, committed: &[(i32, i64)]) -> Observed {
+        obs.kafka.offsets = Some(TopicOffsets {
+            watermarks: (0..4).map(|p| (p, (0, 100))).collect(),
+            live_committed: BTreeMap::new(),
+        });
+        obs.kafka.backlog = Some(BacklogOffsets {
+            committed: committed.iter().copied().collect(),
+            from_time: None,
+        });
+        obs
+    }
+
+    fn backlog_pod(j: &RenderJob, end: &BTreeMap<String, i64>, slot: i32) -> WorkerPod {
+        let o = Owner::of(j).unwrap();
+        WorkerPod {
+            name: names::worker_pod_name("demo", "backlog", "blue", slot),
+            lane: "backlog".to_string(),
+            slot: Some(slot),
+            template_hash: Some(resources::lane_template_hash(
+                &o,
+                &j.spec,
+                resources::Lane::Backlog { end },
+            )),
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    fn env_of(pod: &Pod, name: &str) -> Option<String> {
+        pod.spec.as_ref()?.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    fn reasons(p: &Plan) -> Vec<&'static str> {
+        p.events.iter().map(|e| e.reason).collect()
+    }
+
+    #[test]
+    fn no_worker_starts_before_the_backlog_range_is_captured() {
+        let mut j = with_backlog(&job("demo"));
+        j.spec.workers.max_replicas = 1;
+        // Kafka answered for the topic but not for the offsets.
+        let p = run(&j, &observed(4, 0, vec![]));
+        assert!(p.create.is_empty(), "{:?}", names_of(&p.create));
+        assert!(p.seeds.is_empty());
+        assert!(p.status.backlog.is_none());
+        let g = cond(&p, PROGRESSING);
+        assert_eq!(g.status, "True");
+        assert!(
+            g.message.contains("capture the backlog range"),
+            "{}",
+            g.message
+        );
+        assert_eq!(p.requeue, REQUEUE_BUSY);
+        // The progress service is set up meanwhile.
+        assert!(p.progress.is_some());
+    }
+
+    #[test]
+    fn a_backlog_starts_with_seeds_and_its_own_pods() {
+        let mut j = with_backlog(&job("demo"));
+        j.spec.workers.max_replicas = 1;
+        let p = run(&j, &with_offsets(observed(4, 0, vec![]), &[]));
+        // Seeds: the live group at the end of the range, the backlog group at its start.
+        assert_eq!(
+            p.seeds,
+            [
+                Seed {
+                    lane: "live",
+                    group: "matchfleet.ns.demo.live".to_string(),
+                    offsets: (0..4).map(|p| (p, 100)).collect(),
+                },
+                Seed {
+                    lane: "backlog",
+                    group: "matchfleet.ns.demo.backlog".to_string(),
+                    offsets: (0..4).map(|p| (p, 0)).collect(),
+                },
+            ]
+        );
+        // One live worker, one backlog worker to start with.
+        assert_eq!(
+            names_of(&p.create),
+            ["demo-live-blue-0", "demo-backlog-blue-0"]
+        );
+        let b = &p.create[1];
+        assert_eq!(env_of(b, "LANE").as_deref(), Some("backlog"));
+        assert_eq!(
+            env_of(b, "CONSUMER_GROUP").as_deref(),
+            Some("matchfleet.ns.demo.backlog")
+        );
+        assert_eq!(
+            env_of(b, "END_OFFSETS").as_deref(),
+            Some(r#"{"0":100,"1":100,"2":100,"3":100}"#)
+        );
+        let labels = b.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["matchfleet.io/lane"], "backlog");
+        assert_eq!(env_of(&p.create[0], "END_OFFSETS"), None);
+        // The assignment has both lanes.
+        let a = p.assignment.as_ref().unwrap();
+        assert_eq!(a.lanes["live"].len(), 4);
+        assert_eq!(a.lanes["backlog"].len(), 4);
+        assert!(a.lanes["backlog"]
+            .values()
+            .all(|s| s == "demo-backlog-blue-0"));
+        let st = p.status.backlog.as_ref().unwrap();
+        assert_eq!((st.total, st.done, st.replicas), (400, 0, 1));
+        assert_eq!(reasons(&p), ["BacklogStarted"]);
+        // The live lane's lag as seeded: nothing, the range is the backlog's.
+        assert_eq!(p.status.lag, 0);
+        let g = cond(&p, PROGRESSING);
+        assert!(g.message.starts_with("backlog 0/400 done"), "{}", g.message);
+        assert_eq!(p.requeue, REQUEUE_BUSY);
+    }
+
+    #[test]
+    fn the_backlog_lane_assigns_only_unfinished_partitions() {
+        let mut j = with_backlog(&job("demo"));
+        j.spec.workers.max_replicas = 1;
+        let p0 = run(&j, &with_offsets(observed(4, 0, vec![]), &[]));
+        let j1 = after(&j, &p0);
+        let end = p0.status.backlog.as_ref().unwrap().end.clone();
+        let pods = vec![
+            pod(&j, 0),
+            backlog_pod(&j, &end, 0),
+            backlog_pod(&j, &end, 1),
+        ];
+        // Partitions 0 and 2 are done.
+        let mut obs = with_offsets(observed(4, 0, pods), &[(0, 100), (1, 40), (2, 100), (3, 0)]);
+        obs.now = Timestamp::from_second(now().as_second() + 3).unwrap();
+        let p = run(&j1, &obs);
+        let backlog = &p.assignment.as_ref().unwrap().lanes["backlog"];
+        assert_eq!(backlog.keys().copied().collect::<Vec<_>>(), [1, 3]);
+        // The live lane leaves the backlog's pods alone; the backlog lane
+        // wants one worker, so slot 1 goes (and gets no partitions).
+        assert_eq!(p.delete, ["demo-backlog-blue-1"]);
+        assert!(p.create.is_empty(), "{:?}", names_of(&p.create));
+        assert_eq!(p.status.workers, "1/1");
+        let st = p.status.backlog.as_ref().unwrap();
+        assert_eq!(st.done, 240);
+        assert!(backlog.values().all(|s| s == "demo-backlog-blue-0"));
+        // With two wanted, both stay and share the partitions.
+        let mut p1 = p.clone();
+        p1.status.backlog.as_mut().unwrap().replicas = 2;
+        let j2 = after(&j1, &p1);
+        let p2 = run(&j2, &obs);
+        assert_eq!(p2.status.backlog.as_ref().unwrap().replicas, 2);
+        assert!(p2.delete.is_empty());
+        let backlog = &p2.assignment.as_ref().unwrap().lanes["backlog"];
+        assert_eq!(
+            backlog.values().collect::<BTreeSet<_>>().len(),
+            2,
+            "{backlog:?}"
+        );
+    }
+
+    #[test]
+    fn a_finished_backlog_deletes_its_pods_and_drops_its_lane() {
+        let mut j = with_backlog(&job("demo"));
+        j.spec.workers.max_replicas = 1;
+        let p0 = run(&j, &with_offsets(observed(4, 0, vec![]), &[]));
+        let j1 = after(&j, &p0);
+        let end = p0.status.backlog.as_ref().unwrap().end.clone();
+        let pods = vec![
+            pod(&j, 0),
+            backlog_pod(&j, &end, 0),
+            backlog_pod(&j, &end, 1),
+        ];
+        let mut obs = with_offsets(
+            observed(4, 0, pods),
+            &[(0, 100), (1, 100), (2, 100), (3, 100)],
+        );
+        obs.progress.status.as_mut().unwrap().leases =
+            [("backlog".to_string(), [(0, LeaseView::default())].into())].into();
+        obs.now = Timestamp::from_second(now().as_second() + 60).unwrap();
+        let p = run(&j1, &obs);
+        // Every backlog pod at once; the live one stays.
+        assert_eq!(p.delete, ["demo-backlog-blue-1", "demo-backlog-blue-0"]);
+        assert!(p.create.is_empty());
+        let a = p.assignment.as_ref().unwrap();
+        assert!(!a.lanes.contains_key("backlog"));
+        let st = p.status.backlog.as_ref().unwrap();
+        assert!(st.finished);
+        assert_eq!((st.done, st.total, st.replicas), (400, 400, 0));
+        assert_eq!(reasons(&p), ["BacklogFinished"]);
+        assert!(!cond(&p, PROGRESSING).message.contains("backlog"));
+        // Done: the idle pace again, and the finished status stays.
+        assert_eq!(p.requeue, REQUEUE_IDLE);
+        let p2 = run(&after(&j1, &p), &obs);
+        assert_eq!(p2.status.backlog, p.status.backlog);
+        assert!(p2.events.is_empty());
+    }
+
+    #[test]
+    fn a_removed_backlog_takes_its_lane_and_status_along() {
+        let mut j = with_backlog(&job("demo"));
+        j.spec.workers.max_replicas = 1;
+        let p0 = run(&j, &with_offsets(observed(4, 0, vec![]), &[]));
+        let mut j1 = after(&j, &p0);
+        j1.spec.backlog = None;
+        let end = p0.status.backlog.as_ref().unwrap().end.clone();
+        let obs = observed(4, 0, vec![pod(&j, 0), backlog_pod(&j, &end, 0)]);
+        let p = run(&j1, &obs);
+        assert_eq!(p.delete, ["demo-backlog-blue-0"]);
+        assert!(p.status.backlog.is_none());
+        assert!(!p.assignment.as_ref().unwrap().lanes.contains_key("backlog"));
+        assert_eq!(reasons(&p), ["BacklogRemoved"]);
+    }
+
+    #[test]
+    fn a_failed_seeding_starts_nothing() {
+        let mut j = with_backlog(&job("demo"));
+        j.spec.workers.max_replicas = 1;
+        let mut p = run(&j, &with_offsets(observed(4, 0, vec![]), &[]));
+        seeding_failed(
+            &mut p,
+            None,
+            "matchfleet.ns.demo.live",
+            "no answer from Kafka within 15s",
+            now(),
+        );
+        assert!(p.create.is_empty());
+        assert!(p.status.backlog.is_none());
+        assert!(p.events.is_empty());
+        assert!(!p.assignment.as_ref().unwrap().lanes.contains_key("backlog"));
+        let d = cond(&p, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "BacklogNotStarted")
+        );
+        assert!(
+            d.message.contains("matchfleet.ns.demo.live"),
+            "{}",
+            d.message
+        );
+        assert_eq!(p.requeue, REQUEUE_BUSY);
+    }
+
+    #[test]
+    fn a_paused_backlog_keeps_its_status_and_pods() {
+        let mut j = with_backlog(&job("demo"));
+        j.spec.workers.max_replicas = 1;
+        let p0 = run(&j, &with_offsets(observed(4, 0, vec![]), &[]));
+        let mut j1 = after(&j, &p0);
+        j1.metadata.annotations = Some(BTreeMap::from([(
+            names::PAUSED.to_string(),
+            "true".to_string(),
+        )]));
+        let end = p0.status.backlog.as_ref().unwrap().end.clone();
+        let obs = with_offsets(
+            observed(4, 0, vec![pod(&j, 0), backlog_pod(&j, &end, 0)]),
+            &[(0, 100), (1, 100), (2, 100), (3, 100)],
+        );
+        let p = run(&j1, &obs);
+        assert!(p.create.is_empty() && p.delete.is_empty() && p.seeds.is_empty());
+        assert_eq!(p.status.backlog, p0.status.backlog);
+    }
+
+    #[test]
+    fn an_invalid_backlog_degrades_and_holds() {
+        let mut j = with_backlog(&job("demo"));
+        j.spec.backlog.as_mut().unwrap().finish_by = "2027-02-30T00:00:00Z".to_string();
+        let p = run(&j, &with_offsets(observed(4, 0, vec![]), &[]));
+        assert!(p.create.is_empty());
+        let d = cond(&p, DEGRADED);
+        assert_eq!(d.reason, "InvalidBacklog");
+        assert!(d.message.contains("finishBy"), "{}", d.message);
     }
 }

@@ -215,6 +215,40 @@ async fn act(
         }
     }
 
+    // The backlog's starting offsets, before any pod that reads from them
+    // exists: a live worker started without them would read the backlog's
+    // range too.
+    for seed in plan.seeds.clone() {
+        let source = &job.spec.source;
+        match ctx
+            .kafka
+            .commit(
+                &source.bootstrap_servers,
+                &seed.group,
+                &source.topic,
+                &seed.offsets,
+            )
+            .await
+        {
+            Ok(()) => tracing::info!(
+                group = %seed.group,
+                partitions = seed.offsets.len(),
+                "seeded the consumer group's offsets"
+            ),
+            Err(e) => {
+                tracing::warn!(group = %seed.group, error = %e, "cannot seed the consumer group's offsets");
+                plan::seeding_failed(
+                    &mut plan,
+                    job.status.as_ref(),
+                    &seed.group,
+                    &e,
+                    observed.now,
+                );
+                break;
+            }
+        }
+    }
+
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     for pod in &plan.create {
         let name = pod.name_any();
@@ -312,16 +346,41 @@ fn pod_ref(namespace: &str, name: &str) -> ObjectReference {
     }
 }
 
-/// The status as a merge patch. Merge patches cannot remove a map by leaving
-/// it out, so an empty assignment is sent as an explicit null.
-pub fn status_patch(status: &RenderJobStatus) -> serde_json::Value {
+/// The status as a merge patch. Merge patches cannot remove a field by
+/// leaving it out, so every field the previous status had and this one does
+/// not (a finished partition's assignment, the backlog of a removed
+/// `spec.backlog`) is sent as an explicit null, and so is an empty live
+/// assignment.
+pub fn status_patch(
+    previous: Option<&RenderJobStatus>,
+    status: &RenderJobStatus,
+) -> serde_json::Value {
     let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(old) = previous.and_then(|p| serde_json::to_value(p).ok()) {
+        null_removed(&old, &mut value);
+    }
     if status.live.assignment.is_empty() {
         if let Some(live) = value.get_mut("live").and_then(|l| l.as_object_mut()) {
             live.insert("assignment".to_string(), serde_json::Value::Null);
         }
     }
     serde_json::json!({ "status": value })
+}
+
+/// Adds a null to `new` for every object key `old` has and `new` lacks, at
+/// any depth (arrays are replaced whole by a merge patch).
+fn null_removed(old: &serde_json::Value, new: &mut serde_json::Value) {
+    let (Some(old), Some(new)) = (old.as_object(), new.as_object_mut()) else {
+        return;
+    };
+    for (k, v) in old {
+        match new.get_mut(k) {
+            Some(n) => null_removed(v, n),
+            None => {
+                new.insert(k.clone(), serde_json::Value::Null);
+            }
+        }
+    }
 }
 
 /// Patches the status subresource, only when it changed.
@@ -338,7 +397,7 @@ async fn write_status(
     api.patch_status(
         &job.name_any(),
         &PatchParams::default(),
-        &Patch::Merge(status_patch(status)),
+        &Patch::Merge(status_patch(job.status.as_ref(), status)),
     )
     .await
     .map_err(kube_err(format!(
@@ -520,6 +579,8 @@ mod tests {
             kafka: KafkaObservation {
                 topic: TopicState::Found { partitions: 2 },
                 lag: Some(0),
+                offsets: None,
+                backlog: None,
             },
         }
     }
@@ -782,17 +843,56 @@ mod tests {
     #[test]
     fn empty_assignment_is_removed_by_the_patch() {
         let mut s = RenderJobStatus::default();
-        let v = status_patch(&s);
+        let v = status_patch(None, &s);
         assert_eq!(v["status"]["live"]["assignment"], serde_json::Value::Null);
         assert!(v["status"]["live"]
             .as_object()
             .unwrap()
             .contains_key("assignment"));
         s.live.assignment.insert("0".to_string(), 1);
-        let v = status_patch(&s);
+        let v = status_patch(None, &s);
         assert_eq!(v["status"]["live"]["assignment"]["0"], 1);
-        // The backlog lane is not ours: left out, so it is left alone.
+        // No backlog before or now: nothing said about it.
         assert!(!v["status"].as_object().unwrap().contains_key("backlog"));
+    }
+
+    #[test]
+    fn fields_that_went_away_are_removed_by_the_patch() {
+        use matchfleet_api::render_job::BacklogStatus;
+        let old = RenderJobStatus {
+            p99: Some("2s".to_string()),
+            backlog: Some(BacklogStatus {
+                total: 10,
+                assignment: [("0".to_string(), 0), ("1".to_string(), 1)].into(),
+                eta: Some("2027-01-15T08:00:00Z".to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // A finished partition leaves the backlog assignment; the ETA goes.
+        let mut new = old.clone();
+        let b = new.backlog.as_mut().unwrap();
+        b.assignment.remove("1");
+        b.eta = None;
+        let v = status_patch(Some(&old), &new);
+        assert_eq!(
+            v["status"]["backlog"]["assignment"],
+            json!({"0": 0, "1": null})
+        );
+        assert_eq!(v["status"]["backlog"]["eta"], Value::Null);
+        assert!(v["status"]["backlog"]
+            .as_object()
+            .unwrap()
+            .contains_key("eta"));
+        assert_eq!(v["status"]["p99"], "2s");
+        // spec.backlog removed: the whole backlog status goes.
+        new.backlog = None;
+        let v = status_patch(Some(&old), &new);
+        assert!(v["status"]
+            .as_object()
+            .unwrap()
+            .get("backlog")
+            .is_some_and(Value::is_null));
     }
 
     #[test]

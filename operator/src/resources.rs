@@ -1,5 +1,5 @@
 //! Pure builders of the objects a RenderJob owns: the progress service's
-//! Deployment and Service, and the live lane's worker pods. What they put in
+//! Deployment and Service, and the worker pods of the live and backlog lanes. What they put in
 //! env, args, ports and probes is the contract with the worker image.
 
 use std::collections::BTreeMap;
@@ -17,7 +17,7 @@ use matchfleet_api::render_job::RenderJobSpec;
 use matchfleet_api::RenderJob;
 
 use crate::duration;
-use crate::names::{self, LANE_LIVE, PROGRESS_PORT, WORKER_PORT};
+use crate::names::{self, LANE_BACKLOG, LANE_LIVE, PROGRESS_PORT, WORKER_PORT};
 
 /// The unprivileged user (and group) every container runs as: the `nonroot`
 /// user of distroless images.
@@ -265,8 +265,37 @@ pub fn slo_millis(spec: &RenderJobSpec) -> Option<u64> {
         .and_then(|s| duration::parse_millis(&s.max_latency))
 }
 
+/// Which lane a worker pod serves, with what only that lane has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Lane<'a> {
+    /// Follows the topic from the live group's committed offsets.
+    Live,
+    /// Renders a bounded range: partition (as a string) -> end offset (exclusive).
+    Backlog { end: &'a BTreeMap<String, i64> },
+}
+
+impl Lane<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Lane::Live => LANE_LIVE,
+            Lane::Backlog { .. } => LANE_BACKLOG,
+        }
+    }
+}
+
+/// `END_OFFSETS` of a backlog worker: `{"0":167,"1":166}`.
+pub fn end_offsets_json(end: &BTreeMap<String, i64>) -> String {
+    serde_json::to_string(end).unwrap_or_else(|_| "{}".to_string())
+}
+
 /// The pod spec of the live lane's worker in slot `slot_name`.
 pub fn worker_pod_spec(owner: &Owner, spec: &RenderJobSpec, slot_name: &str) -> PodSpec {
+    lane_pod_spec(owner, spec, Lane::Live, slot_name)
+}
+
+/// The pod spec of a worker of `lane` in slot `slot_name`. Lanes differ only
+/// in `LANE`, `CONSUMER_GROUP` and the backlog's `END_OFFSETS`.
+pub fn lane_pod_spec(owner: &Owner, spec: &RenderJobSpec, lane: Lane, slot_name: &str) -> PodSpec {
     let (ns, job) = (&owner.namespace, &owner.name);
     let command_json =
         serde_json::to_string(&spec.render.command).unwrap_or_else(|_| "[]".to_string());
@@ -275,9 +304,14 @@ pub fn worker_pod_spec(owner: &Owner, spec: &RenderJobSpec, slot_name: &str) -> 
         env("SOURCE_TOPIC", literal(&spec.source.topic)),
         env(
             "CONSUMER_GROUP",
-            literal(&names::consumer_group(ns, job, LANE_LIVE)),
+            literal(&names::consumer_group(ns, job, lane.name())),
         ),
-        env("LANE", LANE_LIVE),
+        env("LANE", lane.name()),
+    ];
+    if let Lane::Backlog { end } = lane {
+        env_vars.push(env("END_OFFSETS", end_offsets_json(end)));
+    }
+    env_vars.extend([
         env("SLOT", literal(slot_name)),
         env("PROGRESS_URL", literal(&names::progress_url(job, ns))),
         env(
@@ -294,7 +328,7 @@ pub fn worker_pod_spec(owner: &Owner, spec: &RenderJobSpec, slot_name: &str) -> 
         env("DEAD_LETTER_TOPIC", literal(&dead_letter_topic(spec))),
         pod_ip_env(),
         env("RUST_LOG", "info"),
-    ];
+    ]);
     // The user's variables come last, so they may override ours (the last
     // definition of a name wins).
     env_vars.extend(spec.workers.env.iter().flatten().cloned());
@@ -326,12 +360,17 @@ pub fn worker_pod_spec(owner: &Owner, spec: &RenderJobSpec, slot_name: &str) -> 
     }
 }
 
-/// The hash of everything a worker pod's template is made from, so a change
-/// of image, env, command, resources... replaces the pods. FNV-1a over the
-/// JSON of the pod spec (slot name left out), so it is stable across builds
-/// and Rust versions, unlike `DefaultHasher`.
+/// The hash of everything a live worker pod's template is made from, so a
+/// change of image, env, command, resources... replaces the pods.
 pub fn worker_template_hash(owner: &Owner, spec: &RenderJobSpec) -> String {
-    let template = worker_pod_spec(owner, spec, "");
+    lane_template_hash(owner, spec, Lane::Live)
+}
+
+/// The template hash of a lane's worker pods: FNV-1a over the JSON of the
+/// pod spec (slot name left out), so it is stable across builds and Rust
+/// versions, unlike `DefaultHasher`.
+pub fn lane_template_hash(owner: &Owner, spec: &RenderJobSpec, lane: Lane) -> String {
+    let template = lane_pod_spec(owner, spec, lane, "");
     let bytes = serde_json::to_vec(&template).unwrap_or_default();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
@@ -343,10 +382,21 @@ pub fn worker_template_hash(owner: &Owner, spec: &RenderJobSpec) -> String {
 
 /// The worker pod of the live lane's slot `slot` (color blue).
 pub fn worker_pod(owner: &Owner, spec: &RenderJobSpec, slot: i32, template_hash: &str) -> Pod {
-    let name = names::worker_pod_name(&owner.name, LANE_LIVE, names::COLOR_BLUE, slot);
+    lane_pod(owner, spec, Lane::Live, slot, template_hash)
+}
+
+/// The worker pod of `lane`'s slot `slot` (color blue): `NAME-LANE-blue-SLOT`.
+pub fn lane_pod(
+    owner: &Owner,
+    spec: &RenderJobSpec,
+    lane: Lane,
+    slot: i32,
+    template_hash: &str,
+) -> Pod {
+    let name = names::worker_pod_name(&owner.name, lane.name(), names::COLOR_BLUE, slot);
     let mut metadata = owner.meta(
         name.clone(),
-        names::worker_labels(&owner.name, LANE_LIVE, names::COLOR_BLUE, slot),
+        names::worker_labels(&owner.name, lane.name(), names::COLOR_BLUE, slot),
     );
     metadata.annotations = Some(BTreeMap::from([(
         names::TEMPLATE_HASH.to_string(),
@@ -354,7 +404,7 @@ pub fn worker_pod(owner: &Owner, spec: &RenderJobSpec, slot: i32, template_hash:
     )]));
     Pod {
         metadata,
-        spec: Some(worker_pod_spec(owner, spec, &name)),
+        spec: Some(lane_pod_spec(owner, spec, lane, &name)),
         status: None,
     }
 }
@@ -597,6 +647,50 @@ pub(crate) mod tests {
         // User env is appended last.
         assert_eq!(c.env.as_ref().unwrap().last().unwrap().name, "EXTRA");
         assert_eq!(value(&e, "EXTRA"), "1");
+    }
+
+    #[test]
+    fn backlog_pod_differs_from_a_live_one_only_in_lane_group_and_end_offsets() {
+        let j = job("demo");
+        let o = Owner::of(&j).unwrap();
+        let end: BTreeMap<String, i64> = [("0".to_string(), 167), ("1".to_string(), 166)].into();
+        let lane = Lane::Backlog { end: &end };
+        let hash = lane_template_hash(&o, &j.spec, lane);
+        assert_ne!(hash, worker_template_hash(&o, &j.spec));
+        let pod = lane_pod(&o, &j.spec, lane, 1, &hash);
+        assert_eq!(pod.metadata.name.as_deref(), Some("demo-backlog-blue-1"));
+        assert_owned(&pod.metadata);
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["matchfleet.io/lane"], "backlog");
+        assert_eq!(labels["matchfleet.io/slot"], "1");
+        assert_eq!(labels["matchfleet.io/renderjob"], "demo");
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()["matchfleet.io/template-hash"],
+            hash
+        );
+        let e = env_map(pod.spec.as_ref().unwrap());
+        assert_eq!(value(&e, "LANE"), "backlog");
+        assert_eq!(value(&e, "CONSUMER_GROUP"), "matchfleet.ns.demo.backlog");
+        assert_eq!(value(&e, "END_OFFSETS"), r#"{"0":167,"1":166}"#);
+        assert_eq!(value(&e, "SLOT"), "demo-backlog-blue-1");
+        // Everything else as in a live pod of the same slot.
+        let live = worker_pod(&o, &j.spec, 1, "x");
+        let mut le = env_map(live.spec.as_ref().unwrap());
+        for k in ["LANE", "CONSUMER_GROUP", "SLOT"] {
+            le.remove(k);
+        }
+        let mut be = e.clone();
+        for k in ["LANE", "CONSUMER_GROUP", "SLOT", "END_OFFSETS"] {
+            be.remove(k);
+        }
+        assert_eq!(be, le);
+        assert!(!env_map(live.spec.as_ref().unwrap()).contains_key("END_OFFSETS"));
+        // The range is part of the template.
+        let other: BTreeMap<String, i64> = [("0".to_string(), 1)].into();
+        assert_ne!(
+            lane_template_hash(&o, &j.spec, Lane::Backlog { end: &other }),
+            hash
+        );
     }
 
     #[test]
