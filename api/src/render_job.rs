@@ -28,6 +28,7 @@ const RFC3339: &str =
     category = "matchfleet",
     namespaced,
     status = "RenderJobStatus",
+    validation = Rule::new("self.metadata.name.size() <= 54").message("metadata.name must be at most 54 characters: the progress Service is named <name>-progress"),
     doc = "RenderJob runs a render command once per message of a Kafka topic on partition-pinned workers, with leases, heartbeat fail-fast and a progress service that makes every render happen exactly once.",
     printcolumn(
         name = "Ready",

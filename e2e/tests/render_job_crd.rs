@@ -82,6 +82,7 @@ async fn invalid_render_jobs_are_refused_with_a_clear_message() {
         ("two-starts", "  render:", "  backlog: {fromOffset: 0, fromTimestamp: \"2026-01-01T00:00:00Z\", finishBy: \"2026-01-01T01:00:00Z\"}\n  render:", "exactly one of fromTimestamp or fromOffset"),
         ("zero-attempts", "outputDir: /tmp/renders", "outputDir: /tmp/renders\n    maxAttempts: 0", "spec.render.maxAttempts"),
         ("empty-command", r#"command: [sh, -c, "render {key} > {output}"]"#, "command: []", "spec.render.command"),
+        ("long-name", "metadata: {name: long-name}", "metadata: {name: a-render-job-name-far-too-long-for-its-progress-service-name}", "at most 54 characters"),
     ];
     for (name, from, to, expected) in cases {
         let manifest = VALID.replace("NAME", name).replacen(from, to, 1);

@@ -104,10 +104,19 @@ impl RenderWorker {
         let value_file = self
             .values_dir
             .join(format!("{}.{}.a{attempt}", task.key, task.offset));
-        if let Err(e) = std::fs::write(&value_file, &task.value) {
-            return self
-                .fail(guard, task, &format!("cannot write the value file: {e}"))
-                .await;
+        // Most of a no-op render's cost is file churn: write the value only
+        // for commands that read it.
+        let uses_value = self
+            .config
+            .command
+            .iter()
+            .any(|a| a.contains("{value_file}"));
+        if uses_value {
+            if let Err(e) = std::fs::write(&value_file, &task.value) {
+                return self
+                    .fail(guard, task, &format!("cannot write the value file: {e}"))
+                    .await;
+            }
         }
         let argv = template::expand(
             &self.config.command,
@@ -127,7 +136,9 @@ impl RenderWorker {
         let outcome = child::run(&argv, self.config.timeout, guard.fenced(), &task.key).await;
         RenderMetrics::add(&m.render_millis_sum, started.elapsed().as_millis() as u64);
         RenderMetrics::add(&m.render_count, 1);
-        let _ = std::fs::remove_file(&value_file);
+        if uses_value {
+            let _ = std::fs::remove_file(&value_file);
+        }
         let reason = match outcome {
             Outcome::Succeeded if staged.exists() => None,
             Outcome::Succeeded => {
