@@ -22,12 +22,7 @@ use crate::testkit::{eventually, Cluster};
 pub async fn install_operator(c: &Cluster) {
     let crds = c.repo.join("crds");
     c.kubectl_ok(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
-    c.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/renderjobs.matchfleet.io",
-        "--timeout=60s",
-    ]);
+    wait_established(c, "renderjobs.matchfleet.io").await;
     let manifests = c.repo.join("manifests/operator.yaml");
     c.kubectl_ok(&["apply", "--server-side", "-f", manifests.to_str().unwrap()]);
     c.kubectl_ok(&[
@@ -38,6 +33,35 @@ pub async fn install_operator(c: &Cluster) {
         "deployment/matchfleet-operator",
         "--timeout=120s",
     ]);
+}
+
+/// Waits until a CRD is served. (`kubectl wait --for=condition=Established`
+/// fails instead of waiting when the CRD has no conditions yet, which is the
+/// case for a moment after it is created.)
+pub async fn wait_established(c: &Cluster, crd: &str) {
+    eventually(
+        &format!("CRD {crd} established"),
+        Duration::from_secs(60),
+        || async {
+            let out = c.kubectl(&[
+                "get",
+                "crd",
+                crd,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ]);
+            let status = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if status == "True" {
+                Ok(())
+            } else {
+                Err(format!(
+                    "Established={status:?} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        },
+    )
+    .await
 }
 
 /// A topic name no other test uses.

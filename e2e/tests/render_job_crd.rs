@@ -6,15 +6,10 @@ use std::time::Duration;
 
 use matchfleet_e2e::testkit::{eventually, Cluster};
 
-fn install_crd(c: &Cluster) {
+async fn install_crd(c: &Cluster) {
     let crd = c.repo.join("crds/renderjobs.yaml");
     c.kubectl_ok(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-    c.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/renderjobs.matchfleet.io",
-        "--timeout=60s",
-    ]);
+    matchfleet_e2e::fleetkit::wait_established(c, "renderjobs.matchfleet.io").await;
 }
 
 const VALID: &str = r#"
@@ -31,7 +26,7 @@ spec:
 #[tokio::test]
 async fn valid_render_jobs_are_accepted_with_defaults() {
     let c = Cluster::get();
-    install_crd(&c);
+    install_crd(&c).await;
     let ns = c.namespace("rjcrd");
     c.apply_ok_in(Some(&ns.name), &VALID.replace("NAME", "ok"));
     let spec: serde_json::Value = serde_json::from_str(&c.kubectl_ok(&[
@@ -70,7 +65,7 @@ async fn valid_render_jobs_are_accepted_with_defaults() {
 #[tokio::test]
 async fn invalid_render_jobs_are_refused_with_a_clear_message() {
     let c = Cluster::get();
-    install_crd(&c);
+    install_crd(&c).await;
     let ns = c.namespace("rjbad");
     let cases: &[(&str, &str, &str, &str)] = &[
         ("min-over-max", "  render:", "  workers: {minReplicas: 5, maxReplicas: 2}\n  render:", "minReplicas must not exceed workers.maxReplicas"),
