@@ -134,8 +134,11 @@ impl<W: PartitionWorker> LeaseKeeper<W> {
                 continue;
             };
             let end = held.task.now_or_never().and_then(|r| r.ok());
-            if end != Some(WorkEnd::Drained) || held.guard.is_fenced() {
-                // Lost without a Fenced directive: its deadline ran out.
+            let lost = end != Some(WorkEnd::Drained) || held.guard.is_fenced();
+            // Retire the guard either way, so its deadline watch ends quietly.
+            held.guard.fence();
+            if lost {
+                // Killed without a Fenced directive: a failed beat or its deadline.
                 self.stats.fenced.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.released.push(Holding {
@@ -186,6 +189,7 @@ impl<W: PartitionWorker> LeaseKeeper<W> {
                 self.stats.beats_failed.fetch_add(1, Ordering::Relaxed);
                 // Fail fast: a lease that runs out before the next beat can
                 // renew it is given up now, not at a fraction of a timeout.
+                // (Counted in `reap` when the killed work ends.)
                 let next_beat = clock::now() + self.interval.as_millis() as u64;
                 let mut killed = 0;
                 for held in self.held.values() {
@@ -193,9 +197,6 @@ impl<W: PartitionWorker> LeaseKeeper<W> {
                         held.guard.fence();
                         killed += 1;
                     }
-                }
-                if killed > 0 {
-                    self.stats.fenced.fetch_add(killed, Ordering::Relaxed);
                 }
                 warn!(error = %e, killed, "heartbeat failed");
             }
@@ -266,5 +267,158 @@ impl<W: PartitionWorker> LeaseKeeper<W> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use matchfleet_api::progress::HeartbeatResponse;
+    use warp::Filter;
+
+    /// Work that runs until fenced (-> Killed) or released (-> Drained).
+    struct Idle;
+
+    impl PartitionWorker for Idle {
+        fn run(self: Arc<Self>, guard: Arc<LeaseGuard>) -> BoxFuture<'static, WorkEnd> {
+            Box::pin(async move {
+                tokio::select! {
+                    _ = guard.fenced() => WorkEnd::Killed,
+                    _ = guard.releasing() => WorkEnd::Drained,
+                }
+            })
+        }
+    }
+
+    /// A progress service that answers each beat with the next scripted
+    /// directives (then nothing), or not at all once `down` is set.
+    async fn fake_service(
+        script: Vec<Vec<Directive>>,
+        down: Arc<AtomicBool>,
+    ) -> (String, Arc<Mutex<Vec<HeartbeatRequest>>>) {
+        let script = Arc::new(Mutex::new(script.into_iter()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen_in = seen.clone();
+        let route = warp::post()
+            .and(warp::path!("heartbeat"))
+            .and(warp::body::json())
+            .and_then(move |req: HeartbeatRequest| {
+                let (script, seen, down) = (script.clone(), seen_in.clone(), down.clone());
+                async move {
+                    if down.load(Ordering::SeqCst) {
+                        return Err(warp::reject::not_found());
+                    }
+                    // After the script: renew whatever is held.
+                    let keep = req
+                        .holdings
+                        .iter()
+                        .map(|h| Directive::Keep {
+                            lane: h.lane.clone(),
+                            partition: h.partition,
+                            epoch: h.epoch,
+                            expires_in_millis: 300,
+                        })
+                        .collect();
+                    seen.lock().unwrap().push(req);
+                    let directives = script.lock().unwrap().next().unwrap_or(keep);
+                    Ok(warp::reply::json(&HeartbeatResponse { directives }))
+                }
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        (format!("http://{addr}"), seen)
+    }
+
+    fn acquire(partition: i32, lease: u64) -> Directive {
+        Directive::Acquire {
+            lane: "live".into(),
+            partition,
+            epoch: 1,
+            expires_in_millis: lease,
+        }
+    }
+
+    fn keeper(url: &str) -> LeaseKeeper<Idle> {
+        let client = ProgressClient::new(url, Duration::from_millis(200)).unwrap();
+        LeaseKeeper::new(client, Arc::new(Idle), "w-0", Duration::from_millis(50))
+    }
+
+    #[tokio::test]
+    async fn a_fenced_beat_kills_the_work_and_a_release_is_reported() {
+        let fenced = Directive::Fenced {
+            lane: "live".into(),
+            partition: 0,
+            current_epoch: 2,
+        };
+        let release = Directive::Release {
+            lane: "live".into(),
+            partition: 1,
+            epoch: 1,
+            deadline_millis: 5_000,
+            expires_in_millis: 5_000,
+        };
+        let down = Arc::new(AtomicBool::new(false));
+        let (url, seen) = fake_service(
+            vec![
+                vec![acquire(0, 5_000), acquire(1, 5_000)],
+                vec![fenced, release],
+            ],
+            down,
+        )
+        .await;
+        let k = keeper(&url);
+        let stats = k.stats.clone();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(k.run(stop.clone(), Duration::from_secs(1)));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stop.cancel();
+        run.await.unwrap();
+        assert_eq!(stats.acquired.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            stats.fenced.load(Ordering::SeqCst),
+            1,
+            "partition 0 fenced once"
+        );
+        let seen = seen.lock().unwrap();
+        let released: Vec<i32> = seen
+            .iter()
+            .flat_map(|r| r.released.iter().map(|h| h.partition))
+            .collect();
+        assert_eq!(released, vec![1], "the drained partition is reported once");
+        assert!(
+            seen.iter()
+                .skip(2)
+                .all(|r| r.holdings.iter().all(|h| h.partition != 0)),
+            "the fenced partition is no longer reported"
+        );
+    }
+
+    #[tokio::test]
+    async fn unanswered_beats_kill_the_work_before_the_lease_runs_out() {
+        let down = Arc::new(AtomicBool::new(false));
+        let (url, _) = fake_service(vec![vec![acquire(0, 300)]], down.clone()).await;
+        let k = keeper(&url);
+        let stats = k.stats.clone();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(k.run(stop.clone(), Duration::from_secs(1)));
+        // Renewals keep it alive past its first lease while the service answers.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            stats.fenced.load(Ordering::SeqCst),
+            0,
+            "renewed leases are kept"
+        );
+        down.store(true, Ordering::SeqCst);
+        let lost_at = std::time::Instant::now();
+        while stats.fenced.load(Ordering::SeqCst) == 0 {
+            assert!(lost_at.elapsed() < Duration::from_secs(2), "never killed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        run.await.unwrap();
+        assert_eq!(stats.released.load(Ordering::SeqCst), 0);
     }
 }
