@@ -4,6 +4,8 @@
 //! changelog.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -234,4 +236,59 @@ pub fn completions(bootstrap: &str, changelog: &str) -> BTreeMap<String, usize> 
         }
     }
     done
+}
+
+/// A folder for one render test that every pod user can use: the render
+/// script (`render.sh`), its log (`render.log`, for `$RENDER_LOG`) and the
+/// output folder (`out/`). Workers run as a non-root user, so permissions are
+/// open; the folder is removed when dropped.
+pub struct RenderDir {
+    dir: tempfile::TempDir,
+}
+
+impl RenderDir {
+    pub fn new(script: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("matchfleet-e2e-")
+            .tempdir_in("/tmp")
+            .expect("temp folder");
+        let open = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .expect("permissions")
+        };
+        open(dir.path(), 0o777);
+        let render = dir.path().join("render.sh");
+        std::fs::write(&render, script).expect("render.sh");
+        open(&render, 0o755);
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).expect("out/");
+        open(&out, 0o777);
+        let log = dir.path().join("render.log");
+        std::fs::write(&log, "").expect("render.log");
+        open(&log, 0o666);
+        RenderDir { dir }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Published outputs: file name -> content (the staging folder excluded).
+    pub fn published(&self) -> BTreeMap<String, String> {
+        std::fs::read_dir(self.path("out"))
+            .expect("out/")
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read_to_string(e.path()).unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
 }

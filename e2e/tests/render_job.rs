@@ -3,12 +3,10 @@
 //! workers on the local cluster; every event's output is published exactly
 //! once. Needs `e2e/cluster/up`.
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use matchfleet_e2e::fleetkit::{self, condition, wait_status};
+use matchfleet_e2e::fleetkit::{self, condition, wait_status, RenderDir};
 use matchfleet_e2e::testkit::Cluster;
 
 /// The render command: sleeps 50-300 ms, fails on keys starting with
@@ -26,52 +24,7 @@ sleep "$(printf '0.%03d' "$ms")"
 echo "end $key $who" >> "$RENDER_LOG"
 "#;
 
-/// A folder every pod user can write: the script, the log and the outputs.
-struct Workspace {
-    dir: tempfile::TempDir,
-}
-
-impl Workspace {
-    fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("matchfleet-e2e-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let script = dir.path().join("render.sh");
-        std::fs::write(&script, RENDER_SH).unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let out = dir.path().join("out");
-        std::fs::create_dir(&out).unwrap();
-        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
-        std::fs::write(dir.path().join("render.log"), "").unwrap();
-        std::fs::set_permissions(
-            dir.path().join("render.log"),
-            std::fs::Permissions::from_mode(0o666),
-        )
-        .unwrap();
-        Workspace { dir }
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    /// Published outputs: file name -> content.
-    fn published(&self) -> BTreeMap<String, String> {
-        std::fs::read_dir(self.path("out"))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-            .map(|e| {
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read_to_string(e.path()).unwrap_or_default(),
-                )
-            })
-            .collect()
-    }
-}
-
-fn render_job_yaml(name: &str, topic: &str, ws: &Workspace, extra: &str) -> String {
+fn render_job_yaml(name: &str, topic: &str, ws: &RenderDir, extra: &str) -> String {
     format!(
         r#"
 apiVersion: matchfleet.io/v1alpha1
@@ -105,7 +58,7 @@ async fn every_event_is_rendered_and_published_exactly_once() {
     let c = Cluster::get();
     fleetkit::install_operator(&c).await;
     let ns = c.namespace("rj");
-    let ws = Workspace::new();
+    let ws = RenderDir::new(RENDER_SH);
     let topic = fleetkit::unique("render-events");
     fleetkit::create_topic(&c.kafka, &topic, 12).await;
     let events: Vec<(Option<String>, i32, String)> = (0..2000)
@@ -181,7 +134,7 @@ async fn bad_messages_and_failing_renders_are_set_aside_with_reasons() {
     let c = Cluster::get();
     fleetkit::install_operator(&c).await;
     let ns = c.namespace("rjbad");
-    let ws = Workspace::new();
+    let ws = RenderDir::new(RENDER_SH);
     let topic = fleetkit::unique("render-bad");
     fleetkit::create_topic(&c.kafka, &topic, 2).await;
     let mut events: Vec<(Option<String>, i32, String)> = (0..20)
@@ -264,7 +217,7 @@ async fn a_paused_job_is_left_alone_until_resumed() {
     let c = Cluster::get();
     fleetkit::install_operator(&c).await;
     let ns = c.namespace("rjpause");
-    let ws = Workspace::new();
+    let ws = RenderDir::new(RENDER_SH);
     let topic = fleetkit::unique("render-pause");
     fleetkit::create_topic(&c.kafka, &topic, 2).await;
     c.apply_ok_in(Some(&ns.name), &render_job_yaml("p", &topic, &ws, ""));

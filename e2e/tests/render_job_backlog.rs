@@ -3,10 +3,9 @@
 //! just before `finishBy` rather than as fast as possible. Needs `e2e/cluster/up`.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant, SystemTime};
 
-use matchfleet_e2e::fleetkit;
+use matchfleet_e2e::fleetkit::{self, RenderDir};
 use matchfleet_e2e::testkit::Cluster;
 
 const EVENTS: i32 = 2000;
@@ -45,16 +44,8 @@ async fn a_backlog_finishes_before_its_deadline_with_fewer_replicas_than_allowed
     let c = Cluster::get();
     fleetkit::install_operator(&c).await;
     let ns = c.namespace("rjbacklog");
-    let dir = tempfile::Builder::new()
-        .prefix("matchfleet-e2e-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let p = dir.path();
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::write(p.join("render.sh"), RENDER_SH).unwrap();
-    std::fs::set_permissions(p.join("render.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::create_dir(p.join("out")).unwrap();
-    std::fs::set_permissions(p.join("out"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = RenderDir::new(RENDER_SH);
+    let p = dir.root();
 
     // 2,000 old events, already in the topic before the job exists.
     let topic = fleetkit::unique("render-backlog");

@@ -5,11 +5,10 @@
 //! Needs `e2e/cluster/up`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use matchfleet_e2e::fleetkit::{self, condition, wait_status};
+use matchfleet_e2e::fleetkit::{self, condition, wait_status, RenderDir};
 use matchfleet_e2e::testkit::{eventually, Cluster};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -33,7 +32,7 @@ echo "end $key $who" >> "$RENDER_LOG"
 struct Run {
     c: Cluster,
     ns: matchfleet_e2e::testkit::Namespace,
-    dir: tempfile::TempDir,
+    dir: RenderDir,
     started: Instant,
 }
 
@@ -42,20 +41,8 @@ impl Run {
         let c = Cluster::get();
         fleetkit::install_operator(&c).await;
         let ns = c.namespace(prefix);
-        let dir = tempfile::Builder::new()
-            .prefix("matchfleet-e2e-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let p = dir.path();
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
-        std::fs::write(p.join("render.sh"), RENDER_SH).unwrap();
-        std::fs::set_permissions(p.join("render.sh"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
-        std::fs::create_dir(p.join("out")).unwrap();
-        std::fs::set_permissions(p.join("out"), std::fs::Permissions::from_mode(0o777)).unwrap();
-        std::fs::write(p.join("render.log"), "").unwrap();
-        std::fs::set_permissions(p.join("render.log"), std::fs::Permissions::from_mode(0o666))
-            .unwrap();
+        let dir = RenderDir::new(RENDER_SH);
+        let p = dir.root();
 
         let topic = fleetkit::unique(prefix);
         fleetkit::create_topic(&c.kafka, &topic, PARTITIONS).await;
@@ -109,7 +96,7 @@ spec:
     }
 
     fn out(&self) -> PathBuf {
-        self.dir.path().join("out")
+        self.dir.path("out")
     }
 
     /// Published outputs: key -> (who rendered it, modification time).
@@ -198,7 +185,7 @@ spec:
         assert_eq!(done.len(), EVENTS as usize, "completion records");
         let twice: Vec<_> = done.iter().filter(|(_, n)| **n != 1).collect();
         assert!(twice.is_empty(), "completed more than once: {twice:?}");
-        let log = std::fs::read_to_string(self.dir.path().join("render.log")).unwrap();
+        let log = std::fs::read_to_string(self.dir.path("render.log")).unwrap();
         let renders = log.lines().filter(|l| l.starts_with("start ")).count();
         println!(
             "renders started: {renders} for {EVENTS} tasks ({} redone after a kill, none published twice)",
@@ -336,7 +323,7 @@ async fn a_frozen_worker_loses_its_partitions_and_fails_fast_when_it_wakes() {
     assert!(moved_progress > 0, "the moved partitions made no progress");
 
     // What the frozen worker had rendered and published, as `slot/eN`, before it wakes.
-    let log_before = std::fs::read_to_string(run.dir.path().join("render.log")).unwrap();
+    let log_before = std::fs::read_to_string(run.dir.path("render.log")).unwrap();
     let old_leases: BTreeSet<String> = log_before
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2))
@@ -353,7 +340,7 @@ async fn a_frozen_worker_loses_its_partitions_and_fails_fast_when_it_wakes() {
 
     let published = run.assert_exactly_once().await;
     // After waking, nothing rendered under the old leases finished or was published.
-    let log = std::fs::read_to_string(run.dir.path().join("render.log")).unwrap();
+    let log = std::fs::read_to_string(run.dir.path("render.log")).unwrap();
     let finished_after_wake: Vec<&str> = log[log_before.len()..]
         .lines()
         .filter(|l| {

@@ -3,6 +3,7 @@
 
 pub mod fleet;
 pub mod health;
+pub mod matching;
 pub mod progress;
 pub mod render;
 
