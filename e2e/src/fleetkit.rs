@@ -238,6 +238,24 @@ pub fn completions(bootstrap: &str, changelog: &str) -> BTreeMap<String, usize> 
     done
 }
 
+/// The render command of the render suites, called as `render.sh KEY
+/// VALUE_FILE OUTPUT WHO`: sleeps 50-300 ms, fails on keys starting with
+/// `fail-`, hangs on `hang-`, and writes the key, the value and who rendered
+/// it. With `$RENDER_LOG` set it also logs the start and end of each render.
+const RENDER_SH: &str = r#"#!/bin/sh
+key="$1"; value_file="$2"; output="$3"; who="$4"
+log() { if [ -n "$RENDER_LOG" ]; then echo "$1 $key $who" >> "$RENDER_LOG"; fi; }
+log start
+case "$key" in
+  fail-*) echo "cannot render $key" >&2; exit 1 ;;
+  hang-*) sleep 30 ;;
+esac
+ms=$(( $(od -An -N2 -tu2 /dev/urandom) % 251 + 50 ))
+sleep "$(printf '0.%03d' "$ms")"
+{ echo "$key"; cat "$value_file"; echo; echo "$who"; } > "$output"
+log end
+"#;
+
 /// A folder for one render test that every pod user can use: the render
 /// script (`render.sh`), its log (`render.log`, for `$RENDER_LOG`) and the
 /// output folder (`out/`). Workers run as a non-root user, so permissions are
@@ -246,8 +264,14 @@ pub struct RenderDir {
     dir: tempfile::TempDir,
 }
 
+impl Default for RenderDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RenderDir {
-    pub fn new(script: &str) -> Self {
+    pub fn new() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("matchfleet-e2e-")
             .tempdir_in("/tmp")
@@ -258,7 +282,7 @@ impl RenderDir {
         };
         open(dir.path(), 0o777);
         let render = dir.path().join("render.sh");
-        std::fs::write(&render, script).expect("render.sh");
+        std::fs::write(&render, RENDER_SH).expect("render.sh");
         open(&render, 0o755);
         let out = dir.path().join("out");
         std::fs::create_dir(&out).expect("out/");

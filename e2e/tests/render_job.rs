@@ -9,21 +9,6 @@ use std::time::{Duration, Instant};
 use matchfleet_e2e::fleetkit::{self, condition, wait_status, RenderDir};
 use matchfleet_e2e::testkit::Cluster;
 
-/// The render command: sleeps 50-300 ms, fails on keys starting with
-/// `fail-`, hangs on `hang-`, and writes the key and who rendered it.
-const RENDER_SH: &str = r#"#!/bin/sh
-key="$1"; value_file="$2"; output="$3"; who="$4"
-echo "start $key $who" >> "$RENDER_LOG"
-case "$key" in
-  fail-*) echo "cannot render $key" >&2; exit 1 ;;
-  hang-*) sleep 30 ;;
-esac
-ms=$(( $(od -An -N2 -tu2 /dev/urandom) % 251 + 50 ))
-sleep "$(printf '0.%03d' "$ms")"
-{ echo "$key"; cat "$value_file"; echo; echo "$who"; } > "$output"
-echo "end $key $who" >> "$RENDER_LOG"
-"#;
-
 fn render_job_yaml(name: &str, topic: &str, ws: &RenderDir, extra: &str) -> String {
     format!(
         r#"
@@ -58,7 +43,7 @@ async fn every_event_is_rendered_and_published_exactly_once() {
     let c = Cluster::get();
     fleetkit::install_operator(&c).await;
     let ns = c.namespace("rj");
-    let ws = RenderDir::new(RENDER_SH);
+    let ws = RenderDir::new();
     let topic = fleetkit::unique("render-events");
     fleetkit::create_topic(&c.kafka, &topic, 12).await;
     let events: Vec<(Option<String>, i32, String)> = (0..2000)
@@ -134,7 +119,7 @@ async fn bad_messages_and_failing_renders_are_set_aside_with_reasons() {
     let c = Cluster::get();
     fleetkit::install_operator(&c).await;
     let ns = c.namespace("rjbad");
-    let ws = RenderDir::new(RENDER_SH);
+    let ws = RenderDir::new();
     let topic = fleetkit::unique("render-bad");
     fleetkit::create_topic(&c.kafka, &topic, 2).await;
     let mut events: Vec<(Option<String>, i32, String)> = (0..20)
@@ -217,7 +202,7 @@ async fn a_paused_job_is_left_alone_until_resumed() {
     let c = Cluster::get();
     fleetkit::install_operator(&c).await;
     let ns = c.namespace("rjpause");
-    let ws = RenderDir::new(RENDER_SH);
+    let ws = RenderDir::new();
     let topic = fleetkit::unique("render-pause");
     fleetkit::create_topic(&c.kafka, &topic, 2).await;
     c.apply_ok_in(Some(&ns.name), &render_job_yaml("p", &topic, &ws, ""));

@@ -13,13 +13,6 @@ const PARTITIONS: i32 = 12;
 const MAX_REPLICAS: i64 = 6;
 const DEADLINE_SECS: u64 = 90;
 
-const RENDER_SH: &str = r#"#!/bin/sh
-key="$1"; value_file="$2"; output="$3"; who="$4"
-ms=$(( $(od -An -N2 -tu2 /dev/urandom) % 251 + 50 ))
-sleep "$(printf '0.%03d' "$ms")"
-{ echo "$key"; cat "$value_file"; echo; echo "$who"; } > "$output"
-"#;
-
 fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
     k8s_openapi::jiff::Timestamp::from_second(secs)
@@ -44,7 +37,7 @@ async fn a_backlog_finishes_before_its_deadline_with_fewer_replicas_than_allowed
     let c = Cluster::get();
     fleetkit::install_operator(&c).await;
     let ns = c.namespace("rjbacklog");
-    let dir = RenderDir::new(RENDER_SH);
+    let dir = RenderDir::new();
     let p = dir.root();
 
     // 2,000 old events, already in the topic before the job exists.

@@ -20,15 +20,6 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 const EVENTS: i32 = 2000;
 const PARTITIONS: i32 = 12;
 
-const RENDER_SH: &str = r#"#!/bin/sh
-key="$1"; value_file="$2"; output="$3"; who="$4"
-echo "start $key $who" >> "$RENDER_LOG"
-ms=$(( $(od -An -N2 -tu2 /dev/urandom) % 251 + 50 ))
-sleep "$(printf '0.%03d' "$ms")"
-{ echo "$key"; cat "$value_file"; echo; echo "$who"; } > "$output"
-echo "end $key $who" >> "$RENDER_LOG"
-"#;
-
 struct Run {
     c: Cluster,
     ns: matchfleet_e2e::testkit::Namespace,
@@ -41,7 +32,7 @@ impl Run {
         let c = Cluster::get();
         fleetkit::install_operator(&c).await;
         let ns = c.namespace(prefix);
-        let dir = RenderDir::new(RENDER_SH);
+        let dir = RenderDir::new();
         let p = dir.root();
 
         let topic = fleetkit::unique(prefix);

@@ -497,6 +497,14 @@ mod tests {
         body: Value,
     }
 
+    /// Expects the server-side applies of the progress Deployment and Service.
+    async fn expect_progress_applied(handle: &mut Handle) {
+        let path = "/apis/apps/v1/namespaces/ns/deployments/demo-progress";
+        expect(handle, "PATCH", path, 200, echo).await;
+        let path = "/api/v1/namespaces/ns/services/demo-progress";
+        expect(handle, "PATCH", path, 200, echo).await;
+    }
+
     /// Expects the next request to be `method path`, answers `status` with
     /// what `respond` makes of the request body.
     async fn expect(
@@ -693,22 +701,7 @@ mod tests {
     async fn act_reports_a_pod_it_cannot_create_after_writing_the_status() {
         let (ctx, mut handle, job, owner) = setup();
         let server = tokio::spawn(async move {
-            expect(
-                &mut handle,
-                "PATCH",
-                "/apis/apps/v1/namespaces/ns/deployments/demo-progress",
-                200,
-                echo,
-            )
-            .await;
-            expect(
-                &mut handle,
-                "PATCH",
-                "/api/v1/namespaces/ns/services/demo-progress",
-                200,
-                echo,
-            )
-            .await;
+            expect_progress_applied(&mut handle).await;
             // Slot 0 exists already (a lagging view): fine. Slot 1 is refused.
             expect(
                 &mut handle,
@@ -803,22 +796,7 @@ mod tests {
         let mut j = job.clone();
         j.status = Some(plan::plan(&job, &owner, &obs).status);
         let server = tokio::spawn(async move {
-            expect(
-                &mut handle,
-                "PATCH",
-                "/apis/apps/v1/namespaces/ns/deployments/demo-progress",
-                200,
-                echo,
-            )
-            .await;
-            expect(
-                &mut handle,
-                "PATCH",
-                "/api/v1/namespaces/ns/services/demo-progress",
-                200,
-                echo,
-            )
-            .await;
+            expect_progress_applied(&mut handle).await;
             expect(
                 &mut handle,
                 "DELETE",
