@@ -1,12 +1,15 @@
-//! matchfleet's API: the custom resources (`RenderJob`, and `MatchPipeline`
-//! to come), the fleet types they share, and the names and labels both the
-//! operator and the workers use. No client code, so every binary can depend
+//! matchfleet's API: the custom resources (`RenderJob`, `MatchPipeline`),
+//! the fleet types they share, the wire formats of their topics, and the
+//! names and labels both the operator and the workers use. No client code, so every binary can depend
 //! on it cheaply.
 
 pub mod fleet;
+pub mod match_pipeline;
+pub mod matching;
 pub mod progress;
 pub mod render_job;
 
+pub use match_pipeline::{MatchPipeline, MatchPipelineSpec, MatchPipelineStatus};
 pub use render_job::{RenderJob, RenderJobSpec, RenderJobStatus};
 
 /// The API group of matchfleet's custom resources.
@@ -32,7 +35,10 @@ pub mod labels {
 /// order: what `crdgen` writes to `crds/` and what the drift test compares.
 pub fn crd_documents() -> Vec<(&'static str, String)> {
     use kube::CustomResourceExt;
-    vec![("renderjobs.yaml", to_yaml(&RenderJob::crd()))]
+    vec![
+        ("renderjobs.yaml", to_yaml(&RenderJob::crd())),
+        ("matchpipelines.yaml", to_yaml(&MatchPipeline::crd())),
+    ]
 }
 
 fn to_yaml<T: serde::Serialize>(value: &T) -> String {

@@ -27,6 +27,11 @@ pub struct Holding {
     /// The next offset the worker will commit from (for lag and status only).
     #[serde(default)]
     pub committed: i64,
+    /// Cumulative per-partition counters committed with the partition's state
+    /// (MatchPipeline: `matched`, `expired`, `deadLettered`), so they survive
+    /// a change of owner; the operator derives rates from them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// `POST /heartbeat` (worker).
@@ -202,4 +207,7 @@ pub struct LeaseView {
     pub holder: Option<String>,
     pub epoch: u64,
     pub committed: i64,
+    /// The holder's last reported counters (see [`Holding::counters`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counters: BTreeMap<String, u64>,
 }

@@ -111,6 +111,7 @@ fn beat(slot: &str, holdings: &[(i32, u64)]) -> HeartbeatRequest {
                 partition,
                 epoch,
                 committed: 0,
+                counters: Default::default(),
             })
             .collect(),
         released: vec![],

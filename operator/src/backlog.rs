@@ -1202,6 +1202,7 @@ mod tests {
             holder: h.map(str::to_string),
             epoch: 1,
             committed: 0,
+            counters: Default::default(),
         };
         let status = ProgressStatus {
             leases: [
@@ -1279,6 +1280,7 @@ mod tests {
                         holder: Some(format!("demo-backlog-blue-{p}")),
                         epoch: 1,
                         committed: 0,
+                        counters: Default::default(),
                     },
                 )
             })

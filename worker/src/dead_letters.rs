@@ -1,15 +1,23 @@
 //! The dead-letter topic: a malformed message is copied there - key, value
 //! and the reason in headers - and only then counted as finished, so a bad
-//! message is set aside, never lost.
+//! message is set aside, never lost. Render mode sends letters one by one;
+//! match mode writes them inside its transactions with the same headers.
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::topics::{self, Retention};
+
+/// Header names of a dead letter.
+pub mod header {
+    pub const REASON: &str = "matchfleet.reason";
+    pub const SOURCE_TOPIC: &str = "matchfleet.source.topic";
+    pub const SOURCE_PARTITION: &str = "matchfleet.source.partition";
+    pub const SOURCE_OFFSET: &str = "matchfleet.source.offset";
+}
 
 pub struct DeadLetters {
     topic: String,
@@ -26,26 +34,36 @@ pub struct Letter<'a> {
     pub reason: &'a str,
 }
 
+impl Letter<'_> {
+    /// The reason and where the message came from, as record headers.
+    pub fn headers(&self, source_topic: &str) -> OwnedHeaders {
+        let partition = self.partition.to_string();
+        let offset = self.offset.to_string();
+        OwnedHeaders::new()
+            .insert(Header {
+                key: header::REASON,
+                value: Some(self.reason),
+            })
+            .insert(Header {
+                key: header::SOURCE_TOPIC,
+                value: Some(source_topic),
+            })
+            .insert(Header {
+                key: header::SOURCE_PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: header::SOURCE_OFFSET,
+                value: Some(&offset),
+            })
+    }
+}
+
 impl DeadLetters {
     /// Creates the topic if it is missing (one partition is plenty for
     /// exceptions) and a producer with idempotence and acks=all.
     pub async fn open(bootstrap: &str, topic: &str, source_topic: &str) -> anyhow::Result<Self> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .create()?;
-        let created = admin
-            .create_topics(
-                [&NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            )
-            .await?;
-        for result in created {
-            if let Err((name, code)) = result {
-                if code != RDKafkaErrorCode::TopicAlreadyExists {
-                    anyhow::bail!("cannot create dead-letter topic {name}: {code}");
-                }
-            }
-        }
+        topics::ensure(bootstrap, topic, 1, Retention::Delete).await?;
         let producer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
@@ -65,25 +83,7 @@ impl DeadLetters {
 
     /// Sends one letter and waits until Kafka has it.
     pub async fn send(&self, letter: &Letter<'_>) -> anyhow::Result<()> {
-        let partition = letter.partition.to_string();
-        let offset = letter.offset.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "matchfleet.reason",
-                value: Some(letter.reason),
-            })
-            .insert(Header {
-                key: "matchfleet.source.topic",
-                value: Some(&self.source_topic),
-            })
-            .insert(Header {
-                key: "matchfleet.source.partition",
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: "matchfleet.source.offset",
-                value: Some(&offset),
-            });
+        let headers = letter.headers(&self.source_topic);
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.topic).headers(headers);
         if let Some(k) = letter.key {

@@ -1,11 +1,13 @@
 //! The matchfleet worker: the progress service, the fleet member machinery
 //! (leases, heartbeats) and the modes that run on it (render; match next).
 
+pub mod dead_letters;
 pub mod fleet;
 pub mod health;
 pub mod matching;
 pub mod progress;
 pub mod render;
+pub mod topics;
 
 use std::net::IpAddr;
 

@@ -6,8 +6,9 @@
 //! before that deadline (it is measured from before the renewal was sent), so
 //! a worker that obeys its guard never overlaps with the next owner.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +23,7 @@ pub struct LeaseGuard {
     fenced: CancellationToken,
     release: CancellationToken,
     committed: AtomicI64,
+    counters: Mutex<BTreeMap<String, u64>>,
 }
 
 impl LeaseGuard {
@@ -36,6 +38,7 @@ impl LeaseGuard {
             fenced: CancellationToken::new(),
             release: CancellationToken::new(),
             committed: AtomicI64::new(-1),
+            counters: Mutex::new(BTreeMap::new()),
         });
         tokio::spawn(watch_deadline(guard.clone()));
         guard
@@ -89,6 +92,18 @@ impl LeaseGuard {
 
     pub fn set_committed(&self, next_offset: i64) {
         self.committed.fetch_max(next_offset, Ordering::SeqCst);
+    }
+
+    /// The partition's cumulative counters as of its last commit (reported
+    /// with every heartbeat).
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        self.counters.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn set_counters(&self, counters: BTreeMap<String, u64>) {
+        if let Ok(mut c) = self.counters.lock() {
+            *c = counters;
+        }
     }
 }
 

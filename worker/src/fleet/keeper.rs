@@ -146,6 +146,7 @@ impl<W: PartitionWorker> LeaseKeeper<W> {
                     partition: held.guard.partition,
                     epoch: held.guard.epoch,
                     committed: held.guard.committed(),
+                    counters: held.guard.counters(),
                 });
                 self.stats.released.fetch_add(1, Ordering::Relaxed);
             }
@@ -166,6 +167,7 @@ impl<W: PartitionWorker> LeaseKeeper<W> {
                 partition: h.guard.partition,
                 epoch: h.guard.epoch,
                 committed: h.guard.committed(),
+                counters: h.guard.counters(),
             })
             .collect();
         let req = HeartbeatRequest {

@@ -26,6 +26,8 @@ pub struct Lease {
     /// Set while the holder is draining after a move: it must release by then.
     pub release_by: Option<u64>,
     pub committed: i64,
+    /// The holders' cumulative counters, each kept at its highest report.
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// A change of owner, to be appended to the changelog before it is acknowledged.
@@ -110,6 +112,7 @@ impl LeaseTable {
                     lease.holder = None;
                     lease.release_by = None;
                     lease.committed = lease.committed.max(r.committed);
+                    merge_counters(&mut lease.counters, &r.counters);
                     changes.push(OwnerChange {
                         lane: r.lane.clone(),
                         partition: r.partition,
@@ -159,6 +162,7 @@ impl LeaseTable {
             }
             held.push(key);
             lease.committed = lease.committed.max(h.committed);
+            merge_counters(&mut lease.counters, &h.counters);
             if desired_here {
                 lease.release_by = None;
                 lease.expires_at = now + self.lease_millis;
@@ -251,10 +255,21 @@ impl LeaseTable {
                     holder: l.holder.clone().filter(|_| l.expires_at > now),
                     epoch: l.epoch,
                     committed: l.committed,
+                    counters: l.counters.clone(),
                 },
             );
         }
         out
+    }
+}
+
+/// Counters are cumulative and restored with a partition's state, so the
+/// highest report is the truth; a late report from a fenced owner never
+/// reaches here (it is not current).
+fn merge_counters(into: &mut BTreeMap<String, u64>, reported: &BTreeMap<String, u64>) {
+    for (name, value) in reported {
+        let c = into.entry(name.clone()).or_default();
+        *c = (*c).max(*value);
     }
 }
 
@@ -282,6 +297,7 @@ mod tests {
             partition,
             epoch,
             committed: 0,
+            counters: BTreeMap::new(),
         };
         HeartbeatRequest {
             slot: slot.into(),

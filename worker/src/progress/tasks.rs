@@ -418,6 +418,7 @@ mod tests {
             partition: 1,
             epoch: 1,
             committed: 0,
+            counters: Default::default(),
         };
         leases.heartbeat(
             &HeartbeatRequest {

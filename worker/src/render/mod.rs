@@ -3,7 +3,6 @@
 //! exactly once. See `ARCHITECTURE.md` for the protocol.
 
 mod child;
-mod dead_letters;
 pub mod message;
 mod metrics;
 pub mod offsets;
@@ -24,9 +23,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::dead_letters::DeadLetters;
 use crate::fleet::client::ProgressClient;
 use crate::fleet::keeper::LeaseKeeper;
-use dead_letters::DeadLetters;
 use metrics::RenderMetrics;
 use outputs::Outputs;
 

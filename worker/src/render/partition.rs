@@ -15,7 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Mutex};
 use tracing::{error, info, warn, Instrument};
 
-use super::dead_letters::Letter;
+use crate::dead_letters::Letter;
 use super::message::{self, Task};
 use super::metrics::RenderMetrics;
 use super::offsets::OffsetTracker;
