@@ -50,9 +50,11 @@ use crate::fleet::{Condition, HeartbeatSpec, LaneStatus, SourceSpec, WorkerSpec}
     )
 )]
 #[serde(rename_all = "camelCase")]
-// Topics must not feed into each other: every rule names the loop it prevents.
-// Topic names are at most 249 characters (their pattern), which with the
-// rules' few comparisons keeps them far within the API server's CEL cost budget.
+// Topics must not feed into each other: every message names the loop it prevents.
+// The API server estimates a rule's cost from maxLength/maxItems, not from
+// patterns: the topics here and the scorers carry both, so even the quadratic
+// uniqueness rule costs little (`source.topic` has no maxLength; a few
+// comparisons with it stay well within the budget).
 #[x_kube(validation = Rule::new("self.resultsTopic != self.source.topic").message("resultsTopic must differ from source.topic, or results would be read back as requests"))]
 #[x_kube(validation = Rule::new("has(self.deadLetterTopic) || self.resultsTopic != self.source.topic + '.dlq'").message("resultsTopic must differ from the default deadLetterTopic <source.topic>.dlq; set deadLetterTopic to another topic"))]
 #[x_kube(validation = Rule::new("!has(self.deadLetterTopic) || (self.deadLetterTopic != self.source.topic && self.deadLetterTopic != self.resultsTopic)").message("deadLetterTopic must differ from source.topic and resultsTopic, or malformed requests would be read again or mixed with results"))]
@@ -64,7 +66,7 @@ pub struct MatchPipelineSpec {
     pub source: SourceSpec,
     /// Where results go: one record per match and per expired request. Created with the
     /// source's partition count if missing.
-    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"), length(max = 249))]
     pub results_topic: String,
     /// The feature vectors.
     #[serde(default)]
@@ -91,7 +93,7 @@ pub struct MatchPipelineSpec {
     pub heartbeat: HeartbeatSpec,
     /// Where malformed requests go, with the reason in a header. Default `<source.topic>.dlq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"), length(max = 249))]
     pub dead_letter_topic: Option<String>,
 }
 
@@ -271,10 +273,10 @@ fn default_scorers() -> Vec<ScorerSpec> {
 #[x_kube(validation = Rule::new("self.rewardsTopic != self.topic").message("feedback.rewardsTopic must differ from feedback.topic, or rewards would be read back as outcomes"))]
 pub struct FeedbackSpec {
     /// The topic of outcome events (call length, skip).
-    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"), length(max = 249))]
     pub topic: String,
     /// Where rewards and labelled samples go.
-    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"), length(max = 249))]
     pub rewards_topic: String,
     /// Outcomes later than this after the match (event time) are ignored.
     #[serde(default = "default_feedback_ttl")]

@@ -187,8 +187,37 @@ pub fn read_all(bootstrap: &str, topic: &str) -> Vec<Record> {
 
 /// The RenderJob as JSON.
 pub fn render_job(c: &Cluster, ns: &str, name: &str) -> serde_json::Value {
-    serde_json::from_str(&c.kubectl_ok(&["-n", ns, "get", "rj", name, "-o", "json"]))
-        .expect("renderjob json")
+    resource(c, ns, "rj", name)
+}
+
+/// A namespaced object (`kind` as kubectl takes it: `rj`, `mp`, ...) as JSON.
+pub fn resource(c: &Cluster, ns: &str, kind: &str, name: &str) -> serde_json::Value {
+    serde_json::from_str(&c.kubectl_ok(&["-n", ns, "get", kind, name, "-o", "json"]))
+        .unwrap_or_else(|e| panic!("{kind}/{name} as JSON: {e}"))
+}
+
+/// A pod's main process, from the node agent's pid file.
+pub fn pod_pid(c: &Cluster, ns: &str, pod: &str) -> i32 {
+    let uid = c.kubectl_ok(&[
+        "-n",
+        ns,
+        "get",
+        "pod",
+        pod,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let pids = c.state.join("node/pids");
+    let file = std::fs::read_dir(&pids)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(uid.trim()))
+        .unwrap_or_else(|| panic!("no pid file for {pod} ({uid}) in {}", pids.display()));
+    std::fs::read_to_string(file.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// The status of a condition type (`True`/`False`/`Unknown`), if set.
@@ -209,8 +238,21 @@ pub async fn wait_status(
     timeout: Duration,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    wait_resource(c, ns, "rj", name, what, timeout, check).await
+}
+
+/// Waits until the object's JSON satisfies `check`, printing the last status on timeout.
+pub async fn wait_resource(
+    c: &Cluster,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     eventually(what, timeout, || async {
-        let rj = render_job(c, ns, name);
+        let rj = resource(c, ns, kind, name);
         if check(&rj) {
             Ok(rj)
         } else {

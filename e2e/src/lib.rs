@@ -3,6 +3,7 @@
 
 pub mod fleetkit;
 pub mod http;
+pub mod matchkit;
 pub mod node_agent;
 pub mod testkit;
 

@@ -123,28 +123,9 @@ spec:
             .unwrap_or_default()
     }
 
-    /// The worker pod's main process, from the node agent's pid file.
+    /// The worker pod's main process.
     fn worker_pid(&self, pod: &str) -> i32 {
-        let uid = self.c.kubectl_ok(&[
-            "-n",
-            &self.ns.name,
-            "get",
-            "pod",
-            pod,
-            "-o",
-            "jsonpath={.metadata.uid}",
-        ]);
-        let pids = self.c.state.join("node/pids");
-        let file = std::fs::read_dir(&pids)
-            .unwrap()
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().starts_with(uid.trim()))
-            .unwrap_or_else(|| panic!("no pid file for {pod} ({uid}) in {}", pids.display()));
-        std::fs::read_to_string(file.path())
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        fleetkit::pod_pid(&self.c, &self.ns.name, pod)
     }
 
     /// Every key published once and completed once; returns the outputs.

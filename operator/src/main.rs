@@ -1,5 +1,6 @@
-//! `matchfleet-operator`: admin endpoints always; the RenderJob controller
-//! while this replica holds the leader Lease (or always, without election).
+//! `matchfleet-operator`: admin endpoints always; the RenderJob and
+//! MatchPipeline controllers while this replica holds the leader Lease (or
+//! always, without election).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -11,11 +12,12 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use matchfleet_operator::controller::Context;
 use matchfleet_operator::http::{self, Health, Phase};
 use matchfleet_operator::leader::{self, LeaderConfig};
 use matchfleet_operator::metrics::Metrics;
 use matchfleet_operator::progress_client::ProgressClient;
-use matchfleet_operator::reconcile::{self, Context};
+use matchfleet_operator::{pipeline, reconcile};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -27,7 +29,7 @@ enum LogFormat {
 #[command(
     name = "matchfleet-operator",
     version,
-    about = "The matchfleet operator: reconciles RenderJobs into progress services, worker fleets and assignments"
+    about = "The matchfleet operator: reconciles RenderJobs and MatchPipelines into progress services, worker fleets and assignments"
 )]
 struct Args {
     /// Run the controller only while holding the leader Lease (`--leader-elect=false` to run it unconditionally).
@@ -105,6 +107,15 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// Both controllers, on one context (one Kafka client cache, one set of
+/// metrics), until shutdown was asked for and their reconciles ended.
+async fn controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+    tokio::join!(
+        reconcile::run(ctx.clone(), stopped(stop.clone())),
+        pipeline::reconcile::run(ctx, stopped(stop)),
+    );
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -171,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
         };
         metrics.set_leader(true);
         health.set(Phase::Leading);
-        let controller = reconcile::run(ctx, stopped(stop_rx.clone()));
+        let controller = controllers(ctx, stop_rx.clone());
         tokio::select! {
             lost = leadership.hold() => {
                 // Exit rather than wind down: a fresh process drops every
@@ -187,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), leadership.release()).await;
     } else {
         health.set(Phase::Leading);
-        reconcile::run(ctx, stopped(stop_rx.clone())).await;
+        controllers(ctx, stop_rx.clone()).await;
         health.set(Phase::Stopping);
     }
     let _ = http_stop_tx.send(true);

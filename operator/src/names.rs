@@ -13,6 +13,8 @@ pub const MANAGER: &str = "matchfleet-operator";
 pub const PART_OF: &str = "app.kubernetes.io/part-of";
 /// The RenderJob an object belongs to (value: its name).
 pub const RENDERJOB: &str = "matchfleet.io/renderjob";
+/// The MatchPipeline an object belongs to (value: its name).
+pub const MATCHPIPELINE: &str = "matchfleet.io/matchpipeline";
 /// The lane of a worker pod (`live` or `backlog`).
 pub const LANE: &str = "matchfleet.io/lane";
 /// The color of a worker pod (`blue` or `green`).
@@ -22,7 +24,7 @@ pub const SLOT: &str = "matchfleet.io/slot";
 /// Hash of a worker pod's template inputs; a pod whose hash differs from the
 /// desired one is replaced.
 pub const TEMPLATE_HASH: &str = "matchfleet.io/template-hash";
-/// `"true"` on a RenderJob: the operator changes nothing it owns.
+/// `"true"` on a RenderJob or MatchPipeline: the operator changes nothing it owns.
 pub const PAUSED: &str = "matchfleet.io/paused";
 
 pub const COMPONENT_PROGRESS: &str = "progress";
@@ -39,10 +41,40 @@ pub const COLOR_BLUE: &str = "blue";
 pub const PROGRESS_PORT: i32 = 8080;
 /// Port of a worker's health endpoints.
 pub const WORKER_PORT: i32 = 8081;
+/// Port of a match worker's HTTP API (ingest, `/matches/{user}`, WebSocket
+/// nudges), on the container and on the `NAME-workers` Service.
+pub const MATCH_API_PORT: i32 = 8080;
 
-/// The longest RenderJob name we can serve: `NAME-progress` must be a
+/// The longest resource name we can serve: `NAME-progress` must be a
 /// DNS-1035 label (63 characters), and `NAME` itself is a label value.
 pub const MAX_NAME_LEN: usize = 63 - "-progress".len();
+
+/// The kind of resource a fleet serves. Every object of a fleet carries the
+/// kind's owner label, so a RenderJob and a MatchPipeline never select each
+/// other's pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fleet {
+    RenderJob,
+    MatchPipeline,
+}
+
+impl Fleet {
+    /// The label whose value is the owning resource's name.
+    pub fn owner_label(self) -> &'static str {
+        match self {
+            Fleet::RenderJob => RENDERJOB,
+            Fleet::MatchPipeline => MATCHPIPELINE,
+        }
+    }
+
+    /// The resource's kind, as in `kind:`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Fleet::RenderJob => "RenderJob",
+            Fleet::MatchPipeline => "MatchPipeline",
+        }
+    }
+}
 
 /// The progress service's Deployment and Service.
 pub fn progress_name(job: &str) -> String {
@@ -57,6 +89,25 @@ pub fn progress_url(job: &str, namespace: &str) -> String {
 /// The compacted changelog topic of the progress service.
 pub fn changelog_topic(namespace: &str, job: &str) -> String {
     format!("matchfleet.{namespace}.{job}.progress")
+}
+
+/// The compacted topic a MatchPipeline's workers keep per-partition match
+/// state in (history, leftovers, pending joins), restored by a partition's
+/// next owner before it processes a record.
+pub fn match_state_topic(namespace: &str, pipeline: &str) -> String {
+    format!("matchfleet.{namespace}.{pipeline}.match-state")
+}
+
+/// The prefix of a lane's Kafka transactional ids; the worker appends
+/// `.<partition>`, so the id follows the partition from owner to owner and
+/// the broker fences the previous one (DESIGN.md §4.6).
+pub fn transactional_id_prefix(namespace: &str, pipeline: &str, lane: &str) -> String {
+    format!("matchfleet.{namespace}.{pipeline}.{lane}")
+}
+
+/// The Service in front of a MatchPipeline's workers' HTTP API.
+pub fn workers_service_name(pipeline: &str) -> String {
+    format!("{pipeline}-workers")
 }
 
 /// The consumer group a lane commits its offsets under.
@@ -84,7 +135,7 @@ pub fn parse_worker_pod_name(job: &str, lane: &str, color: &str, pod: &str) -> O
     digits.parse().ok()
 }
 
-/// Why a RenderJob's name cannot be served.
+/// Why a resource's name cannot be served.
 pub fn invalid_name_reason(job: &str) -> Option<String> {
     if job.len() > MAX_NAME_LEN {
         return Some(format!(
@@ -111,12 +162,12 @@ fn is_dns1035_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
-/// Labels on every object the operator owns for a RenderJob.
-pub fn common_labels(job: &str, component: &str) -> BTreeMap<String, String> {
+/// Labels on every object the operator owns for a resource of `fleet`.
+pub fn common_labels(fleet: Fleet, job: &str, component: &str) -> BTreeMap<String, String> {
     [
         (labels::MANAGED_BY, MANAGER),
         (PART_OF, "matchfleet"),
-        (RENDERJOB, job),
+        (fleet.owner_label(), job),
         (labels::COMPONENT, component),
     ]
     .into_iter()
@@ -125,22 +176,41 @@ pub fn common_labels(job: &str, component: &str) -> BTreeMap<String, String> {
 }
 
 /// Labels of the progress service's pods; also its Deployment and Service selector.
-pub fn progress_labels(job: &str) -> BTreeMap<String, String> {
-    common_labels(job, COMPONENT_PROGRESS)
+pub fn progress_labels(fleet: Fleet, job: &str) -> BTreeMap<String, String> {
+    common_labels(fleet, job, COMPONENT_PROGRESS)
 }
 
 /// Labels of one worker pod.
-pub fn worker_labels(job: &str, lane: &str, color: &str, slot: i32) -> BTreeMap<String, String> {
-    let mut l = common_labels(job, COMPONENT_WORKER);
+pub fn worker_labels(
+    fleet: Fleet,
+    job: &str,
+    lane: &str,
+    color: &str,
+    slot: i32,
+) -> BTreeMap<String, String> {
+    let mut l = common_labels(fleet, job, COMPONENT_WORKER);
     l.insert(LANE.to_string(), lane.to_string());
     l.insert(COLOR.to_string(), color.to_string());
     l.insert(SLOT.to_string(), slot.to_string());
     l
 }
 
-/// The selector of a RenderJob's worker pods (all lanes and colors).
-pub fn worker_selector(job: &str) -> String {
-    format!("{RENDERJOB}={job},{}={COMPONENT_WORKER}", labels::COMPONENT)
+/// The selector of a resource's worker pods (all lanes and colors).
+pub fn worker_selector(fleet: Fleet, job: &str) -> String {
+    format!(
+        "{}={job},{}={COMPONENT_WORKER}",
+        fleet.owner_label(),
+        labels::COMPONENT
+    )
+}
+
+/// The labels of the worker pods of one lane and color, e.g. the ones a
+/// Service in front of the active color selects.
+pub fn lane_selector(fleet: Fleet, job: &str, lane: &str, color: &str) -> BTreeMap<String, String> {
+    let mut l = common_labels(fleet, job, COMPONENT_WORKER);
+    l.insert(LANE.to_string(), lane.to_string());
+    l.insert(COLOR.to_string(), color.to_string());
+    l
 }
 
 /// The selector the controller's watches use: everything this operator manages.
@@ -148,7 +218,7 @@ pub fn managed_selector() -> String {
     format!("{}={MANAGER}", labels::MANAGED_BY)
 }
 
-/// Whether the RenderJob's annotations pause it.
+/// Whether a resource's annotations pause it.
 pub fn is_paused(annotations: &BTreeMap<String, String>) -> bool {
     annotations
         .get(PAUSED)
@@ -175,6 +245,17 @@ mod tests {
             worker_pod_name("demo", "live", "blue", 3),
             "demo-live-blue-3"
         );
+        assert_eq!(
+            match_state_topic("ns", "mm"),
+            "matchfleet.ns.mm.match-state"
+        );
+        assert_eq!(
+            transactional_id_prefix("ns", "mm", "live"),
+            "matchfleet.ns.mm.live"
+        );
+        assert_eq!(workers_service_name("mm"), "mm-workers");
+        // The longest servable name still gives a DNS-1035 Service name.
+        assert!(workers_service_name(&"a".repeat(MAX_NAME_LEN)).len() <= 63);
     }
 
     #[test]
@@ -208,7 +289,7 @@ mod tests {
 
     #[test]
     fn labels_follow_the_contract() {
-        let l = worker_labels("demo", "live", "blue", 2);
+        let l = worker_labels(Fleet::RenderJob, "demo", "live", "blue", 2);
         assert_eq!(l["app.kubernetes.io/managed-by"], "matchfleet-operator");
         assert_eq!(l["app.kubernetes.io/part-of"], "matchfleet");
         assert_eq!(l["matchfleet.io/renderjob"], "demo");
@@ -216,17 +297,37 @@ mod tests {
         assert_eq!(l["matchfleet.io/lane"], "live");
         assert_eq!(l["matchfleet.io/color"], "blue");
         assert_eq!(l["matchfleet.io/slot"], "2");
-        let p = progress_labels("demo");
+        let p = progress_labels(Fleet::RenderJob, "demo");
         assert_eq!(p["app.kubernetes.io/component"], "progress");
         assert_eq!(p.len(), 4);
         assert_eq!(
-            worker_selector("demo"),
+            worker_selector(Fleet::RenderJob, "demo"),
             "matchfleet.io/renderjob=demo,app.kubernetes.io/component=worker"
         );
         assert_eq!(
             managed_selector(),
             "app.kubernetes.io/managed-by=matchfleet-operator"
         );
+    }
+
+    #[test]
+    fn each_kind_labels_its_own_objects() {
+        let l = worker_labels(Fleet::MatchPipeline, "demo", "live", "blue", 0);
+        assert_eq!(l["matchfleet.io/matchpipeline"], "demo");
+        assert!(!l.contains_key("matchfleet.io/renderjob"));
+        assert_eq!(
+            progress_labels(Fleet::MatchPipeline, "demo")["matchfleet.io/matchpipeline"],
+            "demo"
+        );
+        assert_eq!(
+            worker_selector(Fleet::MatchPipeline, "demo"),
+            "matchfleet.io/matchpipeline=demo,app.kubernetes.io/component=worker"
+        );
+        // A lane's selector is a subset of each of its pods' labels.
+        let sel = lane_selector(Fleet::MatchPipeline, "demo", "live", "blue");
+        assert!(sel.iter().all(|(k, v)| l.get(k) == Some(v)), "{sel:?}");
+        assert!(!sel.contains_key(SLOT));
+        assert_eq!(Fleet::MatchPipeline.kind(), "MatchPipeline");
     }
 
     #[test]

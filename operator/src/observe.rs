@@ -8,16 +8,17 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
+use matchfleet_api::fleet::SourceSpec;
 use matchfleet_api::progress::ProgressStatus;
 use matchfleet_api::RenderJob;
 
 use crate::backlog;
-use crate::kafka::{Kafka, KafkaObservation};
+use crate::kafka::{BacklogQuery, Kafka, KafkaObservation};
 use crate::names::{self, COLOR_BLUE, LANE_BACKLOG, LANE_LIVE};
 use crate::progress_client::ProgressClient;
 use crate::resources::Owner;
 
-/// A container restart this recent makes the job Degraded.
+/// A container restart this recent makes the resource Degraded.
 const RECENT_RESTART_SECONDS: i64 = 300;
 
 /// Waiting reasons that mean a container cannot run (as `kubectl get pods` shows them).
@@ -54,6 +55,9 @@ pub struct WorkerPod {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProgressObservation {
     pub deployment_exists: bool,
+    /// The Deployment's controller when that is not this resource (e.g. a
+    /// RenderJob of the same name owns `NAME-progress`): `Kind name`.
+    pub foreign_controller: Option<String>,
     pub ready_replicas: i32,
     /// The status, or why it could not be read.
     pub status: Option<ProgressStatus>,
@@ -147,23 +151,32 @@ pub async fn observe(
     job: &RenderJob,
     owner: &Owner,
 ) -> Result<Observed, kube::Error> {
+    let backlog = backlog::query(job, owner);
+    observe_fleet(client, kafka, progress, owner, &job.spec.source, backlog).await
+}
+
+/// Reads what every fleet's plan needs: its worker pods, its progress
+/// service (Deployment and `GET /status`), and the source topic with the
+/// live group's offsets (and the backlog group's, with `backlog`).
+pub async fn observe_fleet(
+    client: &Client,
+    kafka: &Kafka,
+    progress: &ProgressClient,
+    owner: &Owner,
+    source: &SourceSpec,
+    backlog: Option<BacklogQuery>,
+) -> Result<Observed, kube::Error> {
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &owner.namespace);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &owner.namespace);
-    let spec = &job.spec;
     let group = names::consumer_group(&owner.namespace, &owner.name, LANE_LIVE);
     let url = names::progress_url(&owner.name, &owner.namespace);
 
-    let list = ListParams::default().labels(&names::worker_selector(&owner.name));
+    let list = ListParams::default().labels(&names::worker_selector(owner.fleet, &owner.name));
     let progress_name = names::progress_name(&owner.name);
     let (pods, deployment, kafka, status) = tokio::join!(
         pods_api.list(&list),
         deployments.get_opt(&progress_name),
-        kafka.observe(
-            &spec.source.bootstrap_servers,
-            &spec.source.topic,
-            &group,
-            backlog::query(job, owner),
-        ),
+        kafka.observe(&source.bootstrap_servers, &source.topic, &group, backlog,),
         progress.status(&url),
     );
     let now = Timestamp::now();
@@ -189,6 +202,9 @@ pub async fn observe(
         pods,
         progress: ProgressObservation {
             deployment_exists: deployment.is_some(),
+            foreign_controller: deployment
+                .as_ref()
+                .and_then(|d| foreign_controller(d, owner)),
             ready_replicas: deployment
                 .and_then(|d| d.status)
                 .and_then(|s| s.ready_replicas)
@@ -198,6 +214,16 @@ pub async fn observe(
         },
         kafka,
     })
+}
+
+/// `Kind name` of an object's controller when that is not `owner`.
+pub fn foreign_controller(object: &impl ResourceExt, owner: &Owner) -> Option<String> {
+    object
+        .owner_references()
+        .iter()
+        .find(|r| r.controller == Some(true))
+        .filter(|r| r.uid != owner.reference.uid)
+        .map(|r| format!("{} {}", r.kind, r.name))
 }
 
 #[cfg(test)]
@@ -253,6 +279,28 @@ mod tests {
         odd.metadata.labels = Some([(names::LANE.to_string(), "backlog".to_string())].into());
         let o = worker_pod("demo", &odd, now());
         assert_eq!((o.lane.as_str(), o.slot), ("backlog", None));
+    }
+
+    #[test]
+    fn a_deployment_controlled_by_another_resource_is_foreign() {
+        let job = crate::resources::tests::job("demo");
+        let owner = Owner::of(&job).unwrap();
+        let mut d = Deployment::default();
+        assert_eq!(foreign_controller(&d, &owner), None);
+        d.metadata.owner_references = Some(vec![owner.reference.clone()]);
+        assert_eq!(foreign_controller(&d, &owner), None);
+        let mp = crate::pipeline::resources::tests::pipeline("demo");
+        let other = Owner::of(&mp).unwrap();
+        d.metadata.owner_references = Some(vec![other.reference.clone()]);
+        assert_eq!(
+            foreign_controller(&d, &owner).as_deref(),
+            Some("MatchPipeline demo")
+        );
+        // Only a controller counts.
+        let mut plain = other.reference.clone();
+        plain.controller = None;
+        d.metadata.owner_references = Some(vec![plain]);
+        assert_eq!(foreign_controller(&d, &owner), None);
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! Plan: a pure function from a RenderJob and what was observed to what to
 //! do (objects to apply, pods to create and delete, the assignment to send)
-//! and the status to write. No I/O here, so every rule is unit-tested.
+//! and the status to write. No I/O here, so every rule is unit-tested. The
+//! rules every fleet shares (replicas, pod actions, assignment, conditions)
+//! are in [`crate::fleet`]; the backlog lane is in [`crate::backlog`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::ResourceExt;
-use matchfleet_api::fleet::condition::{DEGRADED, PROGRESSING, READY};
-use matchfleet_api::fleet::{workers_column, Condition, LaneStatus, WorkerSpec};
+use matchfleet_api::fleet::condition::{DEGRADED, PROGRESSING};
+use matchfleet_api::fleet::{workers_column, LaneStatus};
 use matchfleet_api::progress::Assignment;
 use matchfleet_api::{RenderJob, RenderJobStatus};
 
@@ -17,56 +19,15 @@ use crate::assign;
 use crate::backlog::{self, LanePlan};
 use crate::conditions::{self, Want};
 use crate::duration::format_millis;
-use crate::kafka::TopicState;
-use crate::names::{self, COLOR_BLUE, LANE_BACKLOG, LANE_LIVE};
+use crate::fleet::{pod_actions, to_i64, Health, PodActions};
+use crate::names::{self, LANE_BACKLOG, LANE_LIVE};
 use crate::observe::{Observed, WorkerPod};
-use crate::resources::{self, Owner};
+use crate::resources::{self, Owner, ProgressConfig};
 
-/// Requeue while something is moving (lag, pods starting, not ready): the
-/// status counters come from polling the progress service.
-pub const REQUEUE_BUSY: Duration = Duration::from_secs(3);
-/// Requeue when caught up (or paused).
-pub const REQUEUE_IDLE: Duration = Duration::from_secs(10);
-/// Requeue of a RenderJob that cannot be served until it changes.
-pub const REQUEUE_INVALID: Duration = Duration::from_secs(60);
-
-/// An Event the plan asks for (Events about actions are sent by `act` once
-/// the action succeeded).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PlannedEvent {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub note: String,
-    /// A second object the event is about (the pod of `CreatedWorker`).
-    /// Events that differ only here stay separate Events rather than being
-    /// folded into one series with the first one's message.
-    pub related: Option<ObjectReference>,
-}
-
-impl PlannedEvent {
-    pub fn normal(reason: &'static str, note: String) -> Self {
-        PlannedEvent {
-            warning: false,
-            reason,
-            note,
-            related: None,
-        }
-    }
-    pub fn warning(reason: &'static str, note: String) -> Self {
-        PlannedEvent {
-            warning: true,
-            reason,
-            note,
-            related: None,
-        }
-    }
-
-    /// The same event, about `related` too.
-    pub fn about(mut self, related: ObjectReference) -> Self {
-        self.related = Some(related);
-        self
-    }
-}
+pub use crate::fleet::{
+    assignment_failed, desired_replicas, worker_refused, PlannedEvent, REQUEUE_BUSY, REQUEUE_IDLE,
+    REQUEUE_INVALID,
+};
 
 /// Offsets to commit under a lane's consumer group before any worker pod is
 /// created (the backlog's start: DESIGN.md §5.3).
@@ -95,101 +56,6 @@ pub struct Plan {
     pub requeue: Duration,
 }
 
-/// Live lane replicas until autoscaling: `clamp(partitions, min, max)`,
-/// never more than the partitions, none without a topic.
-pub fn desired_replicas(workers: &WorkerSpec, partitions: i32) -> i32 {
-    if partitions <= 0 {
-        return 0;
-    }
-    workers
-        .min_replicas
-        .max(0)
-        .max(workers.max_replicas.min(partitions))
-        .min(partitions)
-}
-
-/// What to do about the worker pods of a lane.
-#[derive(Debug, Default, PartialEq)]
-struct PodActions {
-    create: Vec<i32>,
-    delete: Vec<String>,
-    /// Pods are being created, replaced or removed.
-    rolling: bool,
-}
-
-/// Create every missing slot of `lane` at once; delete at most one pod per
-/// reconcile: a finished pod, else an extra one (highest slot first), else an
-/// outdated one that is not ready, else an outdated ready one, but only once
-/// every other slot is ready and nothing else is starting or stopping (a
-/// rolling replacement with at most one slot down). With `extras_at_once`
-/// every extra pod goes in one reconcile (the backlog lane: its extra pods
-/// have no partitions left in the assignment and only cost).
-fn pod_actions(
-    job: &str,
-    lane: &str,
-    pods: &[WorkerPod],
-    desired: i32,
-    hash: &str,
-    extras_at_once: bool,
-) -> PodActions {
-    let present: BTreeSet<&str> = pods.iter().map(|p| p.name.as_str()).collect();
-    let create: Vec<i32> = (0..desired)
-        .filter(|&i| !present.contains(names::worker_pod_name(job, lane, COLOR_BLUE, i).as_str()))
-        .collect();
-
-    let running: Vec<&WorkerPod> = pods.iter().filter(|p| !p.terminating).collect();
-    let terminating = pods.iter().any(|p| p.terminating);
-    let is_extra = |p: &WorkerPod| p.slot.is_none_or(|s| s >= desired);
-    let mut extra: Vec<&WorkerPod> = running.iter().copied().filter(|p| is_extra(p)).collect();
-    // Names that are not slots first, then the highest slot.
-    extra.sort_by_key(|p| (p.slot.is_some(), std::cmp::Reverse(p.slot)));
-    let mut kept: Vec<&WorkerPod> = running.iter().copied().filter(|p| !is_extra(p)).collect();
-    kept.sort_by_key(|p| p.slot);
-    let finished: Vec<&WorkerPod> = kept.iter().copied().filter(|p| p.finished).collect();
-    let outdated: Vec<&WorkerPod> = kept
-        .iter()
-        .copied()
-        .filter(|p| !p.finished && p.template_hash.as_deref() != Some(hash))
-        .collect();
-    let all_ready = kept.len() == desired as usize && kept.iter().all(|p| p.ready);
-
-    let mut delete: Vec<String> = finished
-        .first()
-        .or(extra.first())
-        .or(outdated.iter().find(|p| !p.ready))
-        .or(outdated
-            .first()
-            .filter(|_| all_ready && !terminating && create.is_empty()))
-        .map(|p| vec![p.name.clone()])
-        .unwrap_or_default();
-    if extras_at_once {
-        for p in &extra {
-            if !delete.contains(&p.name) {
-                delete.push(p.name.clone());
-            }
-        }
-    }
-    let rolling = !create.is_empty()
-        || !delete.is_empty()
-        || terminating
-        || !extra.is_empty()
-        || !finished.is_empty()
-        || !outdated.is_empty();
-    PodActions {
-        create,
-        delete,
-        rolling,
-    }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn reason_of<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a str> {
-    conditions::find(conds, type_).map(|c| c.reason.as_str())
-}
-
 /// The plan for a RenderJob that can be served.
 pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
     let spec = &job.spec;
@@ -199,15 +65,12 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
     let generation = job.metadata.generation;
     let now = conditions::rfc3339(obs.now);
 
-    // Partitions and lag. When Kafka is unreachable, the last known partition
-    // count keeps the fleet as it is rather than scaling it to nothing.
-    let (partitions, mut lag) = match &obs.kafka.topic {
-        TopicState::Found { partitions } => (Some(*partitions), obs.kafka.lag.unwrap_or(prev.lag)),
-        TopicState::NotFound => (Some(0), 0),
-        TopicState::Unreachable { .. } => {
-            ((prev.partitions > 0).then_some(prev.partitions), prev.lag)
-        }
-    };
+    let (partitions, mut lag) = crate::fleet::partitions_and_lag(
+        &obs.kafka.topic,
+        obs.kafka.lag,
+        prev.partitions,
+        prev.lag,
+    );
     let desired = partitions.map(|p| desired_replicas(&spec.workers, p));
     let replicas = desired.unwrap_or(prev.live.replicas);
     let hash = resources::worker_template_hash(owner, spec);
@@ -270,36 +133,16 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
         actions.create.clear();
         actions.rolling = !actions.delete.is_empty();
     }
-    let ready_replicas = live_pods
-        .iter()
-        .filter(|p| p.ready && !p.terminating && p.slot.is_some_and(|s| s < replicas))
-        .count() as i32;
+    let ready_replicas = crate::fleet::ready_replicas(&live_pods, replicas);
 
-    // Assignment over the desired slots whose workers are Ready, sticky to
-    // the last one sent; before any is Ready, over all desired slots.
-    let slots = match (paused, partitions, desired) {
-        (false, Some(p), Some(d)) => {
-            let previous = assign::from_status(&prev.live.assignment);
-            let mut available: Vec<i32> = live_pods
-                .iter()
-                .filter(|pod| pod.ready && !pod.terminating)
-                .filter_map(|pod| pod.slot.filter(|s| *s < d))
-                .collect();
-            available.sort_unstable();
-            available.dedup();
-            Some(if available.is_empty() && previous.is_empty() {
-                assign::assign(p, d, &previous)
-            } else {
-                assign::assign_available(p, &available, &previous)
-            })
-        }
-        _ => None,
-    };
-    let slot_names = |l: &str, a: &assign::SlotAssignment| -> BTreeMap<i32, String> {
-        a.iter()
-            .map(|(p, s)| (*p, names::worker_pod_name(name, l, COLOR_BLUE, *s)))
-            .collect()
-    };
+    let slots = crate::fleet::live_slots(
+        paused,
+        partitions,
+        desired,
+        &live_pods,
+        &prev.live.assignment,
+    );
+    let slot_names = |l: &str, a: &assign::SlotAssignment| crate::fleet::slot_names(name, l, a);
     let assignment = slots.as_ref().map(|a| {
         let mut lanes = BTreeMap::from([(LANE_LIVE.to_string(), slot_names(LANE_LIVE, a))]);
         if !lane.assignment.is_empty() {
@@ -336,70 +179,11 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
         .or(prev.p99.clone());
 
     // Conditions.
-    let bootstrap = &spec.source.bootstrap_servers;
-    let topic_missing = format!(
-        "topic {} not found on bootstrap servers {bootstrap}; create it or fix spec.source.topic",
-        spec.source.topic
-    );
-    let kafka_error_seen = matches!(obs.kafka.topic, TopicState::Unreachable { .. });
-    let kafka_error = match &obs.kafka.topic {
-        TopicState::Unreachable { error } => Some(format!(
-            "cannot reach Kafka at {bootstrap}: {error}; check spec.source.bootstrapServers and the brokers"
-        )),
-        _ => None,
-    };
-    let progress_ready = obs.progress.ready_replicas >= 1 && ps.is_some();
-    let progress_name = names::progress_name(name);
-    let progress_problem = if !obs.progress.deployment_exists {
-        format!("progress service {progress_name} is being created")
-    } else if obs.progress.ready_replicas < 1 {
-        format!(
-            "progress service {progress_name} has no ready pod; see kubectl get pods -l {}={name},app.kubernetes.io/component=progress",
-            names::RENDERJOB
-        )
-    } else {
-        format!(
-            "progress service {progress_name} does not answer: {}",
-            obs.progress.error.as_deref().unwrap_or("no status")
-        )
-    };
-    let topic_not_found = obs.kafka.topic == TopicState::NotFound;
-
-    let ready = if topic_not_found {
-        Want::new(READY, false, "TopicNotFound", topic_missing.clone())
-    } else if let Some(e) = &kafka_error {
-        Want::new(READY, false, "KafkaUnreachable", e.clone())
-    } else if !progress_ready {
-        Want::new(READY, false, "ProgressServiceNotReady", progress_problem)
-    } else if ready_replicas < replicas {
-        Want::new(
-            READY,
-            false,
-            "WorkersNotReady",
-            format!(
-                "{ready_replicas}/{replicas} workers ready; see kubectl get pods -l {}={name}",
-                names::RENDERJOB
-            ),
-        )
-    } else {
-        Want::new(
-            READY,
-            true,
-            "AllWorkersReady",
-            format!("{ready_replicas}/{replicas} workers ready; progress service ready"),
-        )
-    };
+    let health = Health::of(owner.fleet, name, &spec.source, obs);
+    let ready = health.ready(ready_replicas, replicas);
 
     let progressing = if paused {
-        Want::new(
-            PROGRESSING,
-            false,
-            "Paused",
-            format!(
-                "paused by annotation {}=true; remove it to resume",
-                names::PAUSED
-            ),
-        )
+        crate::fleet::paused_want()
     } else if lag > 0 || actions.rolling || lane.running {
         let mut what = Vec::new();
         if let Some(m) = &lane.message {
@@ -424,23 +208,8 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
         )
     };
 
-    let mut restarting = obs
-        .pods
-        .iter()
-        .filter(|p| !p.terminating)
-        .filter_map(|p| p.restarting.as_deref());
-    let degraded = if topic_not_found {
-        Want::new(DEGRADED, true, "TopicNotFound", topic_missing.clone())
-    } else if let Some(e) = kafka_error {
-        Want::new(DEGRADED, true, "KafkaUnreachable", e)
-    } else if let Some(first) = restarting.next() {
-        let more = restarting.count();
-        let tail = if more > 0 {
-            format!(" (and {more} more pods)")
-        } else {
-            String::new()
-        };
-        Want::new(DEGRADED, true, "WorkerRestarting", format!("{first}{tail}"))
+    let degraded = if let Some(common) = health.degraded(&obs.pods) {
+        common
     } else if let Some(problem) = &lane.problem {
         Want::new(DEGRADED, true, "InvalidBacklog", problem.clone())
     } else if failed > 0 {
@@ -463,10 +232,7 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
     };
 
     // Events about what changed since the last status.
-    let mut events = Vec::new();
-    if topic_not_found && reason_of(&prev.conditions, READY) != Some("TopicNotFound") {
-        events.push(PlannedEvent::warning("TopicNotFound", topic_missing));
-    }
+    let mut events: Vec<PlannedEvent> = health.topic_event(&prev.conditions).into_iter().collect();
     if failed > prev.failed {
         events.push(PlannedEvent::warning(
             "TasksFailed",
@@ -476,24 +242,11 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
             ),
         ));
     }
-    let was_paused = reason_of(&prev.conditions, PROGRESSING) == Some("Paused");
-    if paused && !was_paused {
-        events.push(PlannedEvent::normal(
-            "Paused",
-            "paused: no changes to workers or assignment until the annotation is removed"
-                .to_string(),
-        ));
-    } else if !paused && was_paused {
-        events.push(PlannedEvent::normal("Resumed", "resumed".to_string()));
-    }
+    events.extend(crate::fleet::pause_event(paused, &prev.conditions));
 
     events.extend(lane.events.iter().cloned());
 
-    // Poll fast while things move or are about to (pods starting, the
-    // progress service coming up); a missing topic or an unreachable Kafka
-    // is waited out at the idle pace.
-    let waiting_on_kafka = topic_not_found || kafka_error_seen;
-    let busy = progressing.status || (!ready.status && !waiting_on_kafka);
+    let requeue = health.requeue(paused, &progressing, &ready);
     let conds = [ready, progressing, degraded]
         .into_iter()
         .map(|w| conditions::build(&prev.conditions, w, generation, &now))
@@ -543,7 +296,7 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
     Plan {
         progress: (!paused).then(|| {
             (
-                resources::progress_deployment(owner, spec),
+                resources::progress_deployment(owner, &ProgressConfig::render(spec)),
                 resources::progress_service(owner),
             )
         }),
@@ -567,11 +320,7 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
         assignment,
         status,
         events,
-        requeue: if !paused && busy {
-            REQUEUE_BUSY
-        } else {
-            REQUEUE_IDLE
-        },
+        requeue,
     }
 }
 
@@ -580,20 +329,9 @@ pub fn plan(job: &RenderJob, owner: &Owner, obs: &Observed) -> Plan {
 pub fn invalid(job: &RenderJob, message: &str, now: k8s_openapi::jiff::Timestamp) -> Plan {
     let prev = job.status.clone().unwrap_or_default();
     let generation = job.metadata.generation;
-    let now = conditions::rfc3339(now);
-    const REASON: &str = "InvalidName";
-    let mut events = Vec::new();
-    if reason_of(&prev.conditions, READY) != Some(REASON) {
-        events.push(PlannedEvent::warning(REASON, message.to_string()));
-    }
-    let conds = [
-        Want::new(READY, false, REASON, message),
-        Want::new(PROGRESSING, false, REASON, message),
-        Want::new(DEGRADED, true, REASON, message),
-    ]
-    .into_iter()
-    .map(|w| conditions::build(&prev.conditions, w, generation, &now))
-    .collect();
+    let (conds, event) =
+        crate::fleet::invalid_conditions(&prev.conditions, "InvalidName", message, generation, now);
+    let events = event.into_iter().collect();
     Plan {
         progress: None,
         seeds: Vec::new(),
@@ -608,47 +346,6 @@ pub fn invalid(job: &RenderJob, message: &str, now: k8s_openapi::jiff::Timestamp
         events,
         requeue: REQUEUE_INVALID,
     }
-}
-
-/// Replaces a planned condition with what acting found out (the plan
-/// assumed its actions would succeed).
-fn set_condition(
-    status: &mut RenderJobStatus,
-    previous: &[Condition],
-    want: Want,
-    now: k8s_openapi::jiff::Timestamp,
-) {
-    let generation = status.observed_generation;
-    let type_ = want.type_;
-    let cond = conditions::build(previous, want, generation, &conditions::rfc3339(now));
-    if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == type_) {
-        *c = cond;
-    }
-}
-
-/// The PUT of the assignment failed: Ready says so (when nothing more
-/// actionable already made it False).
-pub fn assignment_failed(
-    status: &mut RenderJobStatus,
-    previous: &[Condition],
-    job: &str,
-    error: &str,
-    now: k8s_openapi::jiff::Timestamp,
-) {
-    let ready = conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True");
-    if !ready {
-        return;
-    }
-    let want = Want::new(
-        READY,
-        false,
-        "ProgressServiceNotReady",
-        format!(
-            "progress service {} did not accept the assignment: {error}",
-            names::progress_name(job)
-        ),
-    );
-    set_condition(status, previous, want, now);
 }
 
 /// The seeding commits failed: nothing that depends on them happens (no pod
@@ -678,36 +375,20 @@ pub fn seeding_failed(
         ),
     );
     let previous = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
-    set_condition(&mut plan.status, previous, want, now);
-}
-
-/// The API server refused a worker pod (an invalid `spec.workers.env` or
-/// `resources`, a quota, a policy): Degraded says which and why, because
-/// retrying will not help until something changes.
-pub fn worker_refused(
-    status: &mut RenderJobStatus,
-    previous: &[Condition],
-    pod: &str,
-    error: &str,
-    now: k8s_openapi::jiff::Timestamp,
-) {
-    let want = Want::new(
-        DEGRADED,
-        true,
-        "WorkerCreateFailed",
-        format!("cannot create worker pod {pod}: {error}; check spec.workers and the namespace's quotas and policies"),
-    );
-    set_condition(status, previous, want, now);
+    crate::fleet::set_condition(&mut plan.status, previous, want, now);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::KafkaObservation;
+    use crate::kafka::{KafkaObservation, TopicState};
     use crate::observe::ProgressObservation;
     use crate::resources::tests::job;
     use k8s_openapi::jiff::Timestamp;
+    use matchfleet_api::fleet::condition::READY;
+    use matchfleet_api::fleet::{Condition, WorkerSpec};
     use matchfleet_api::progress::ProgressStatus;
+    use std::collections::BTreeSet;
 
     fn now() -> Timestamp {
         Timestamp::from_second(1_800_000_000).unwrap()
@@ -742,6 +423,7 @@ mod tests {
                 ..Default::default()
             }),
             error: None,
+            foreign_controller: None,
         }
     }
 
@@ -1069,6 +751,7 @@ mod tests {
             ready_replicas: 0,
             status: None,
             error: Some("connection refused".to_string()),
+            foreign_controller: None,
         };
         let p = run(&j1, &obs);
         assert_eq!(p.status.done, 10);

@@ -1,107 +1,26 @@
 //! The RenderJob controller: observe -> plan -> act. Observation and the
-//! plan are in their own modules; this one owns the I/O of acting (server-side
-//! apply, pod create/delete, the assignment, the status patch, Events) and the
-//! wiring of `kube::runtime::Controller`.
+//! plan are in their own modules; this one drives the RenderJob's acting
+//! (server-side apply, seeding, pod create/delete, the assignment, the status
+//! patch, Events) on the I/O both controllers share ([`crate::controller`]).
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::{reflector, watcher, PredicateConfig, WatchStreamExt};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::controller::Action;
+use kube::runtime::events::Recorder;
+use kube::{Resource, ResourceExt};
 use matchfleet_api::{RenderJob, RenderJobStatus};
 use tracing::Instrument;
 
-use crate::kafka::Kafka;
-use crate::metrics::Metrics;
-use crate::names::{self, MANAGER};
+use crate::controller::{self, publish, Acted};
 use crate::observe;
 use crate::plan::{self, Plan, PlannedEvent};
-use crate::progress_client::ProgressClient;
-use crate::resources::{InvalidJob, Owner};
+use crate::resources::{InvalidOwner, Owner};
 
-/// Longest wait after repeated failures of one RenderJob.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{action}: {source}")]
-    Kube {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error(transparent)]
-    Invalid(#[from] InvalidJob),
-}
-
-impl Error {
-    /// A bounded label for the errors metric.
-    pub fn category(&self) -> &'static str {
-        match self {
-            Error::Kube { .. } => "kube_api",
-            Error::Invalid(_) => "invalid_object",
-        }
-    }
-}
-
-fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
-    let action = action.into();
-    move |source| Error::Kube { action, source }
-}
-
-fn api_code(e: &kube::Error) -> Option<u16> {
-    match e {
-        kube::Error::Api(s) => Some(s.code),
-        _ => None,
-    }
-}
-
-/// Shared by every reconcile.
-pub struct Context {
-    pub client: Client,
-    pub kafka: Kafka,
-    pub progress: ProgressClient,
-    pub metrics: Arc<Metrics>,
-    pub reporter: Reporter,
-    /// Consecutive failures per RenderJob (`namespace/name`), for backoff.
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        progress: ProgressClient,
-        metrics: Arc<Metrics>,
-        instance: String,
-    ) -> Self {
-        Context {
-            client,
-            kafka: Kafka::default(),
-            progress,
-            metrics,
-            reporter: Reporter {
-                controller: MANAGER.to_string(),
-                instance: Some(instance),
-            },
-            failures: Mutex::default(),
-        }
-    }
-
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+pub use crate::controller::{Context, Error};
 
 fn key(job: &RenderJob) -> String {
     format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any())
@@ -120,20 +39,14 @@ pub async fn reconcile(job: Arc<RenderJob>, ctx: Arc<Context>) -> Result<Action,
     ctx.metrics
         .reconciled(start.elapsed(), result.as_ref().err().map(Error::category));
     if result.is_ok() {
-        ctx.failures().remove(&key(&job));
+        ctx.succeeded(&key(&job));
     }
     result
 }
 
 /// Backoff doubling from 1 s to a minute per RenderJob, with a log line.
 pub fn error_policy(job: Arc<RenderJob>, error: &Error, ctx: Arc<Context>) -> Action {
-    let n = {
-        let mut failures = ctx.failures();
-        let n = failures.entry(key(&job)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let wait = Duration::from_secs(1u64 << n.saturating_sub(1).min(6)).min(MAX_BACKOFF);
+    let (n, wait) = ctx.failed(&key(&job));
     tracing::warn!(
         renderjob = %key(&job),
         error = %error,
@@ -147,14 +60,14 @@ pub fn error_policy(job: Arc<RenderJob>, error: &Error, ctx: Arc<Context>) -> Ac
 async fn reconcile_job(job: &RenderJob, ctx: &Context) -> Result<Action, Error> {
     if job.metadata.deletion_timestamp.is_some() {
         // Garbage collection removes what it owns; there are no finalizers.
-        ctx.failures().remove(&key(job));
+        ctx.succeeded(&key(job));
         return Ok(Action::await_change());
     }
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = job.object_ref(&());
     let owner = match Owner::of(job) {
         Ok(o) => o,
-        Err(InvalidJob::Name { name, reason }) => {
+        Err(InvalidOwner::Name { name, reason }) => {
             let message = format!(
                 "cannot serve RenderJob {name:?}: {reason}; recreate it under a valid name"
             );
@@ -168,7 +81,7 @@ async fn reconcile_job(job: &RenderJob, ctx: &Context) -> Result<Action, Error> 
 
     let observed = observe::observe(&ctx.client, &ctx.kafka, &ctx.progress, job, &owner)
         .await
-        .map_err(kube_err("observe"))?;
+        .map_err(controller::kube_err("observe"))?;
     let plan = plan::plan(job, &owner, &observed);
     tracing::debug!(
         create = plan.create.len(),
@@ -190,29 +103,10 @@ async fn act(
 ) -> Result<Action, Error> {
     let ns = owner.namespace.as_str();
     let mut events: Vec<PlannedEvent> = Vec::new();
-    // The first failure is returned after the status is written, so a pod
-    // that cannot be created does not hide the rest of the picture.
-    let mut failure: Option<Error> = None;
 
-    if let Some((deployment, service)) = &plan.progress {
-        let apply = PatchParams::apply(MANAGER).force();
-        let name = names::progress_name(&owner.name);
-        let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-        let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-        deployments
-            .patch(&name, &apply, &Patch::Apply(deployment))
-            .await
-            .map_err(kube_err(format!("apply Deployment {ns}/{name}")))?;
-        services
-            .patch(&name, &apply, &Patch::Apply(service))
-            .await
-            .map_err(kube_err(format!("apply Service {ns}/{name}")))?;
-        if !observed.progress.deployment_exists {
-            events.push(PlannedEvent::normal(
-                "CreatedProgressService",
-                format!("created the progress service {name} (Deployment and Service)"),
-            ));
-        }
+    if let Some(progress) = &plan.progress {
+        let existed = observed.progress.deployment_exists;
+        controller::apply_progress(&ctx.client, owner, progress, existed, &mut events).await?;
     }
 
     // The backlog's starting offsets, before any pod that reads from them
@@ -249,75 +143,25 @@ async fn act(
         }
     }
 
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    for pod in &plan.create {
-        let name = pod.name_any();
-        match pods.create(&PostParams::default(), pod).await {
-            Ok(_) => {
-                tracing::info!(pod = %name, "created worker pod");
-                events.push(
-                    PlannedEvent::normal("CreatedWorker", format!("created worker pod {name}"))
-                        .about(pod_ref(ns, &name)),
-                );
-            }
-            // Still there from before (a watch lagging behind): next time.
-            Err(e) if api_code(&e) == Some(409) => {}
-            Err(e) => {
-                events.push(
-                    PlannedEvent::warning(
-                        "FailedCreateWorker",
-                        format!("cannot create worker pod {name}: {e}"),
-                    )
-                    .about(pod_ref(ns, &name)),
-                );
-                // Refused for a reason that stays until something changes.
-                if matches!(api_code(&e), Some(400 | 403 | 422)) {
-                    plan::worker_refused(
-                        &mut plan.status,
-                        previous_conditions(job),
-                        &name,
-                        &e.to_string(),
-                        observed.now,
-                    );
-                }
-                failure.get_or_insert(kube_err(format!("create Pod {ns}/{name}"))(e));
-            }
-        }
-    }
-    for name in &plan.delete {
-        match pods.delete(name, &DeleteParams::default()).await {
-            Ok(_) => {
-                tracing::info!(pod = %name, "deleted worker pod");
-                events.push(
-                    PlannedEvent::normal("DeletedWorker", format!("deleted worker pod {name}"))
-                        .about(pod_ref(ns, name)),
-                );
-            }
-            Err(e) if api_code(&e) == Some(404) => {}
-            Err(e) => {
-                failure.get_or_insert(kube_err(format!("delete Pod {ns}/{name}"))(e));
-            }
-        }
-    }
-
+    let mut acted = Acted {
+        status: &mut plan.status,
+        previous: previous_conditions(job),
+        now: observed.now,
+        events: &mut events,
+    };
+    let failure =
+        controller::change_pods(&ctx.client, ns, &plan.create, &plan.delete, &mut acted).await;
     // The assignment goes out on every reconcile (the service takes the same
-    // one again as a no-op), unless the service did not even answer /status.
-    if let Some(assignment) = &plan.assignment {
-        if observed.progress.status.is_some() {
-            let url = names::progress_url(&owner.name, ns);
-            if let Err(e) = ctx.progress.put_assignment(&url, assignment).await {
-                tracing::warn!(error = %e, "the progress service did not take the assignment");
-                plan::assignment_failed(
-                    &mut plan.status,
-                    previous_conditions(job),
-                    &owner.name,
-                    &e.to_string(),
-                    observed.now,
-                );
-                plan.requeue = plan.requeue.min(plan::REQUEUE_BUSY);
-            }
-        }
-    }
+    // one again as a no-op).
+    controller::send_assignment(
+        ctx,
+        owner,
+        plan.assignment.as_ref(),
+        observed.progress.status.is_some(),
+        &mut acted,
+        &mut plan.requeue,
+    )
+    .await;
 
     write_status(ctx, job, &plan.status).await?;
     events.extend(plan.events.iter().cloned());
@@ -336,243 +180,33 @@ fn previous_conditions(job: &RenderJob) -> &[matchfleet_api::fleet::Condition] {
         .unwrap_or(&[])
 }
 
-fn pod_ref(namespace: &str, name: &str) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("v1".to_string()),
-        kind: Some("Pod".to_string()),
-        namespace: Some(namespace.to_string()),
-        name: Some(name.to_string()),
-        ..ObjectReference::default()
-    }
-}
-
-/// The status as a merge patch. Merge patches cannot remove a field by
-/// leaving it out, so every field the previous status had and this one does
-/// not (a finished partition's assignment, the backlog of a removed
-/// `spec.backlog`) is sent as an explicit null, and so is an empty live
-/// assignment.
-pub fn status_patch(
-    previous: Option<&RenderJobStatus>,
-    status: &RenderJobStatus,
-) -> serde_json::Value {
-    let mut value = serde_json::to_value(status).unwrap_or_default();
-    if let Some(old) = previous.and_then(|p| serde_json::to_value(p).ok()) {
-        null_removed(&old, &mut value);
-    }
-    if status.live.assignment.is_empty() {
-        if let Some(live) = value.get_mut("live").and_then(|l| l.as_object_mut()) {
-            live.insert("assignment".to_string(), serde_json::Value::Null);
-        }
-    }
-    serde_json::json!({ "status": value })
-}
-
-/// Adds a null to `new` for every object key `old` has and `new` lacks, at
-/// any depth (arrays are replaced whole by a merge patch).
-fn null_removed(old: &serde_json::Value, new: &mut serde_json::Value) {
-    let (Some(old), Some(new)) = (old.as_object(), new.as_object_mut()) else {
-        return;
-    };
-    for (k, v) in old {
-        match new.get_mut(k) {
-            Some(n) => null_removed(v, n),
-            None => {
-                new.insert(k.clone(), serde_json::Value::Null);
-            }
-        }
-    }
-}
-
 /// Patches the status subresource, only when it changed.
 async fn write_status(
     ctx: &Context,
     job: &RenderJob,
     status: &RenderJobStatus,
 ) -> Result<(), Error> {
-    if job.status.as_ref() == Some(status) {
-        return Ok(());
-    }
-    let ns = job.namespace().unwrap_or_default();
-    let api: Api<RenderJob> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &job.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(status_patch(job.status.as_ref(), status)),
-    )
-    .await
-    .map_err(kube_err(format!(
-        "patch status of RenderJob {ns}/{}",
-        job.name_any()
-    )))?;
-    Ok(())
+    controller::write_status(&ctx.client, job, job.status.as_ref(), status).await
 }
 
-/// Events are best effort: a failure is logged, not a failed reconcile.
-async fn publish(recorder: &Recorder, reference: &ObjectReference, events: &[PlannedEvent]) {
-    for e in events {
-        let event = Event {
-            type_: if e.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: e.reason.to_string(),
-            note: Some(e.note.chars().take(1000).collect()),
-            action: "Reconcile".to_string(),
-            secondary: e.related.clone(),
-        };
-        if let Err(err) = recorder.publish(&event, reference).await {
-            tracing::warn!(reason = e.reason, error = %err, "cannot publish an Event");
-        }
-    }
-}
-
-/// What of a RenderJob triggers a reconcile: its spec (generation) and its
-/// annotations (pause). Status writes, ours included, do not: the requeue
-/// timer polls, or every status patch would trigger another reconcile.
-fn spec_or_annotations(job: &RenderJob) -> Option<u64> {
-    let mut h = DefaultHasher::new();
-    job.metadata.generation.hash(&mut h);
-    job.metadata.annotations.hash(&mut h);
-    job.metadata.deletion_timestamp.is_some().hash(&mut h);
-    Some(h.finish())
-}
-
-/// Runs the controller until `shutdown` completes and in-flight reconciles end.
+/// Runs the RenderJob controller until `shutdown` completes and in-flight reconciles end.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let client = ctx.client.clone();
-    let (reader, writer) = reflector::store();
-    let jobs = watcher(
-        Api::<RenderJob>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .applied_objects()
-    .predicate_filter(spec_or_annotations, PredicateConfig::default());
-    // Only what this operator manages: label-filtered watches keep the
-    // operator's memory independent of the cluster's size.
-    let owned = || watcher::Config::default().labels(&names::managed_selector());
-    tracing::info!("controller starting");
-    Controller::for_stream(jobs, reader)
-        .owns(Api::<Pod>::all(client.clone()), owned())
-        .owns(Api::<Deployment>::all(client.clone()), owned())
-        .owns(Api::<Service>::all(client), owned())
-        // Pod status changes come in bursts (a rollout, a restart): one
-        // reconcile per burst is enough.
-        .with_config(controller::Config::default().debounce(Duration::from_millis(500)))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok(_) => {}
-                // Logged with its backoff by error_policy.
-                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
-                Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
-                    tracing::debug!(%obj, "RenderJob is gone");
-                }
-                Err(e) => tracing::warn!(error = %e, "controller error"),
-            }
-        })
-        .await;
-    tracing::info!("controller stopped");
+    controller::run::<RenderJob, _>(ctx, shutdown, reconcile, error_policy).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::mock::{echo, expect, expect_progress_applied, failure, Handle};
+    use crate::controller::{spec_or_annotations, status_patch};
     use crate::kafka::{KafkaObservation, TopicState};
+    use crate::names;
     use crate::observe::{Observed, ProgressObservation, WorkerPod};
     use serde_json::{json, Value};
-
-    type Handle = tower_test::mock::Handle<
-        http::Request<kube::client::Body>,
-        http::Response<kube::client::Body>,
-    >;
-
-    /// A request the operator made, as the mock API server saw it.
-    struct Seen {
-        uri: String,
-        content_type: Option<String>,
-        body: Value,
-    }
-
-    /// Expects the server-side applies of the progress Deployment and Service.
-    async fn expect_progress_applied(handle: &mut Handle) {
-        let path = "/apis/apps/v1/namespaces/ns/deployments/demo-progress";
-        expect(handle, "PATCH", path, 200, echo).await;
-        let path = "/api/v1/namespaces/ns/services/demo-progress";
-        expect(handle, "PATCH", path, 200, echo).await;
-    }
-
-    /// Expects the next request to be `method path`, answers `status` with
-    /// what `respond` makes of the request body.
-    async fn expect(
-        handle: &mut Handle,
-        method: &str,
-        path: &str,
-        status: u16,
-        respond: impl FnOnce(&Value) -> Value,
-    ) -> Seen {
-        let (request, send) = handle.next_request().await.expect("a request");
-        assert_eq!(
-            (request.method().as_str(), request.uri().path()),
-            (method, path),
-            "{}",
-            request.uri()
-        );
-        let uri = request.uri().to_string();
-        let content_type = request
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        let answer = respond(&body);
-        send.send_response(
-            http::Response::builder()
-                .status(status)
-                .body(kube::client::Body::from(
-                    serde_json::to_vec(&answer).unwrap(),
-                ))
-                .unwrap(),
-        );
-        Seen {
-            uri,
-            content_type,
-            body,
-        }
-    }
-
-    fn echo(body: &Value) -> Value {
-        body.clone()
-    }
-
-    fn failure(code: u16, reason: &str) -> impl FnOnce(&Value) -> Value {
-        let reason = reason.to_string();
-        move |_| {
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                   "message": format!("mock {reason}"), "reason": reason, "code": code})
-        }
-    }
+    use std::time::Duration;
 
     fn setup() -> (Context, Handle, RenderJob, Owner) {
-        let (service, handle) = tower_test::mock::pair::<
-            http::Request<kube::client::Body>,
-            http::Response<kube::client::Body>,
-        >();
-        let client = Client::new(service, "default");
-        let ctx = Context::new(
-            client,
-            ProgressClient::new().unwrap(),
-            Arc::new(Metrics::default()),
-            "test".to_string(),
-        );
+        let (ctx, handle) = crate::controller::mock::context();
         let job = crate::resources::tests::job("demo");
         let owner = Owner::of(&job).unwrap();
         (ctx, handle, job, owner)

@@ -1,23 +1,27 @@
-//! Pure builders of the objects a RenderJob owns: the progress service's
-//! Deployment and Service, and the worker pods of the live and backlog lanes. What they put in
-//! env, args, ports and probes is the contract with the worker image.
+//! Pure builders of the objects a fleet owns: the owner reference, the
+//! progress service's Deployment and Service, and the worker pod around a
+//! kind's container settings (security, probes, labels, template hash) -
+//! with the RenderJob's live and backlog worker pods. What they put in env,
+//! args, ports and probes is the contract with the worker image. The
+//! MatchPipeline's own settings are in [`crate::pipeline::resources`].
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
+use matchfleet_api::fleet::HeartbeatSpec;
 use matchfleet_api::render_job::RenderJobSpec;
-use matchfleet_api::RenderJob;
+use matchfleet_api::{MatchPipeline, RenderJob};
 
 use crate::duration;
-use crate::names::{self, LANE_BACKLOG, LANE_LIVE, PROGRESS_PORT, WORKER_PORT};
+use crate::names::{self, Fleet, LANE_BACKLOG, LANE_LIVE, PROGRESS_PORT, WORKER_PORT};
 
 /// The unprivileged user (and group) every container runs as: the `nonroot`
 /// user of distroless images.
@@ -29,44 +33,61 @@ const MAX_GRACE_SECONDS: i64 = 3600;
 /// The longest an old owner may take to drain a released partition.
 const MAX_DRAIN_MILLIS: u64 = 10 * 60 * 1000;
 
-/// Why a RenderJob cannot be served at all (it waits for a change).
+/// Why a resource cannot be served at all (it waits for a change).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidJob {
-    #[error("the RenderJob has no namespace")]
+pub enum InvalidOwner {
+    #[error("the resource has no namespace")]
     NoNamespace,
-    #[error("the RenderJob has no uid yet")]
+    #[error("the resource has no uid yet")]
     NoUid,
     #[error("invalid name {name:?}: {reason}")]
     Name { name: String, reason: String },
 }
 
-/// Who owns the built objects: the RenderJob's name, namespace and a
+/// A custom resource that owns a fleet of progress service and workers.
+pub trait FleetOwner: Resource<DynamicType = ()> {
+    const FLEET: Fleet;
+}
+
+impl FleetOwner for RenderJob {
+    const FLEET: Fleet = Fleet::RenderJob;
+}
+
+impl FleetOwner for MatchPipeline {
+    const FLEET: Fleet = Fleet::MatchPipeline;
+}
+
+/// Who owns the built objects: the resource's kind, name, namespace and a
 /// controller owner reference (garbage collection deletes them with it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Owner {
+    pub fleet: Fleet,
     pub name: String,
     pub namespace: String,
     pub reference: OwnerReference,
 }
 
 impl Owner {
-    pub fn of(job: &RenderJob) -> Result<Owner, InvalidJob> {
-        let name = job.name_any();
+    pub fn of<K: FleetOwner>(resource: &K) -> Result<Owner, InvalidOwner> {
+        let name = resource.name_any();
         if let Some(reason) = names::invalid_name_reason(&name) {
-            return Err(InvalidJob::Name { name, reason });
+            return Err(InvalidOwner::Name { name, reason });
         }
-        let namespace = job.namespace().ok_or(InvalidJob::NoNamespace)?;
-        let mut reference = job.controller_owner_ref(&()).ok_or(InvalidJob::NoUid)?;
-        // Foreground deletion of the RenderJob waits for its objects.
+        let namespace = resource.namespace().ok_or(InvalidOwner::NoNamespace)?;
+        let mut reference = resource
+            .controller_owner_ref(&())
+            .ok_or(InvalidOwner::NoUid)?;
+        // Foreground deletion of the resource waits for its objects.
         reference.block_owner_deletion = Some(true);
         Ok(Owner {
+            fleet: K::FLEET,
             name,
             namespace,
             reference,
         })
     }
 
-    fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    pub(crate) fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
         ObjectMeta {
             name: Some(name),
             namespace: Some(self.namespace.clone()),
@@ -97,11 +118,11 @@ pub fn worker_grace_seconds(spec: &RenderJobSpec) -> i64 {
 
 /// The kubelet expands `$(VAR)` and turns `$$` into `$` in env values; values
 /// we pass through (commands, paths) must arrive as written.
-fn literal(s: &str) -> String {
+pub(crate) fn literal(s: &str) -> String {
     s.replace('$', "$$")
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
+pub(crate) fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.to_string(),
         value: Some(value.into()),
@@ -150,11 +171,17 @@ pub fn container_security_context() -> SecurityContext {
     }
 }
 
-fn http_probe(path: &str, period: i32, failures: i32, initial_delay: Option<i32>) -> Probe {
+fn http_probe(
+    path: &str,
+    port: &str,
+    period: i32,
+    failures: i32,
+    initial_delay: Option<i32>,
+) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
-            port: IntOrString::String("http".to_string()),
+            port: IntOrString::String(port.to_string()),
             ..HTTPGetAction::default()
         }),
         initial_delay_seconds: initial_delay,
@@ -165,29 +192,64 @@ fn http_probe(path: &str, period: i32, failures: i32, initial_delay: Option<i32>
     }
 }
 
+/// The port every fleet's progress service and render workers serve on: `http`.
 fn http_port(port: i32) -> ContainerPort {
+    named_port("http", port)
+}
+
+/// A TCP container port with a name (Services and probes refer to names).
+pub(crate) fn named_port(name: &str, port: i32) -> ContainerPort {
     ContainerPort {
-        name: Some("http".to_string()),
+        name: Some(name.to_string()),
         container_port: port,
         protocol: Some("TCP".to_string()),
         ..ContainerPort::default()
     }
 }
 
+/// What a fleet's progress service is made from: the parts of the spec it
+/// needs, whichever kind the spec is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProgressConfig<'a> {
+    /// The worker image (it runs `matchfleet-worker progress`).
+    pub image: &'a str,
+    pub bootstrap_servers: &'a str,
+    pub heartbeat: &'a HeartbeatSpec,
+    /// Render attempts per task (RenderJob only; otherwise the service's default).
+    pub max_attempts: Option<i32>,
+    /// The latency objective in milliseconds (RenderJob only).
+    pub slo_millis: Option<u64>,
+}
+
+impl<'a> ProgressConfig<'a> {
+    /// A RenderJob's progress service.
+    pub fn render(spec: &'a RenderJobSpec) -> Self {
+        ProgressConfig {
+            image: &spec.workers.image,
+            bootstrap_servers: &spec.source.bootstrap_servers,
+            heartbeat: &spec.heartbeat,
+            max_attempts: Some(spec.render.max_attempts),
+            slo_millis: slo_millis(spec),
+        }
+    }
+}
+
 /// The progress service's Deployment: one replica, `Recreate`, because two
 /// progress services over one changelog would diverge.
-pub fn progress_deployment(owner: &Owner, spec: &RenderJobSpec) -> Deployment {
-    let labels = names::progress_labels(&owner.name);
+pub fn progress_deployment(owner: &Owner, config: &ProgressConfig) -> Deployment {
+    let labels = names::progress_labels(owner.fleet, &owner.name);
     let mut env_vars = vec![
-        env("KAFKA_BOOTSTRAP", literal(&spec.source.bootstrap_servers)),
+        env("KAFKA_BOOTSTRAP", literal(config.bootstrap_servers)),
         env(
             "PROGRESS_CHANGELOG_TOPIC",
             literal(&names::changelog_topic(&owner.namespace, &owner.name)),
         ),
-        env("LEASE_MILLIS", spec.heartbeat.lease_millis.to_string()),
-        env("MAX_ATTEMPTS", spec.render.max_attempts.to_string()),
+        env("LEASE_MILLIS", config.heartbeat.lease_millis.to_string()),
     ];
-    if let Some(ms) = slo_millis(spec) {
+    if let Some(attempts) = config.max_attempts {
+        env_vars.push(env("MAX_ATTEMPTS", attempts.to_string()));
+    }
+    if let Some(ms) = config.slo_millis {
         env_vars.push(env("SLO_MILLIS", ms.to_string()));
     }
     env_vars.push(pod_ip_env());
@@ -195,14 +257,14 @@ pub fn progress_deployment(owner: &Owner, spec: &RenderJobSpec) -> Deployment {
 
     let container = Container {
         name: "progress".to_string(),
-        image: Some(spec.workers.image.clone()),
+        image: Some(config.image.to_string()),
         args: Some(vec!["progress".to_string()]),
         env: Some(env_vars),
         ports: Some(vec![http_port(PROGRESS_PORT)]),
         // It listens only once the changelog is replayed, so readiness is
         // "answers"; liveness waits long enough for a large replay.
-        readiness_probe: Some(http_probe("/readyz", 2, 3, None)),
-        liveness_probe: Some(http_probe("/healthz", 10, 6, Some(30))),
+        readiness_probe: Some(http_probe("/readyz", "http", 2, 3, None)),
+        liveness_probe: Some(http_probe("/healthz", "http", 10, 6, Some(30))),
         security_context: Some(container_security_context()),
         ..Container::default()
     };
@@ -239,7 +301,7 @@ pub fn progress_deployment(owner: &Owner, spec: &RenderJobSpec) -> Deployment {
 
 /// The progress service's Service: `NAME-progress:8080` (name `http`).
 pub fn progress_service(owner: &Owner) -> Service {
-    let labels = names::progress_labels(&owner.name);
+    let labels = names::progress_labels(owner.fleet, &owner.name);
     Service {
         metadata: owner.meta(names::progress_name(&owner.name), labels.clone()),
         spec: Some(ServiceSpec {
@@ -293,6 +355,60 @@ pub fn worker_pod_spec(owner: &Owner, spec: &RenderJobSpec, slot_name: &str) -> 
     lane_pod_spec(owner, spec, Lane::Live, slot_name)
 }
 
+/// What one kind's worker container is made of; the pod around it is the
+/// same for every fleet ([`fleet_pod_spec`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerContainer {
+    /// The worker's subcommand (`render`, `match`).
+    pub mode: &'static str,
+    pub image: String,
+    /// The kind's variables, in order; `POD_IP`, `RUST_LOG` and then the
+    /// user's `spec.workers.env` follow.
+    pub env: Vec<EnvVar>,
+    /// `spec.workers.env`: last, so it may override ours (the last
+    /// definition of a name wins).
+    pub user_env: Vec<EnvVar>,
+    pub ports: Vec<ContainerPort>,
+    /// The name of the port the health probes use (`/readyz`, `/healthz`).
+    pub health_port: &'static str,
+    pub resources: Option<ResourceRequirements>,
+    /// How long the pod may take to drain on SIGTERM.
+    pub grace_seconds: i64,
+}
+
+/// A worker pod's spec: one container, unprivileged, probed for readiness
+/// every second, restarted always.
+pub fn fleet_pod_spec(worker: WorkerContainer) -> PodSpec {
+    let mut env_vars = worker.env;
+    env_vars.extend([pod_ip_env(), env("RUST_LOG", "info")]);
+    env_vars.extend(worker.user_env);
+    let container = Container {
+        name: "worker".to_string(),
+        image: Some(worker.image),
+        args: Some(vec![worker.mode.to_string()]),
+        env: Some(env_vars),
+        ports: Some(worker.ports),
+        // Readiness is what moves a stuck worker's partitions elsewhere (the
+        // plan assigns only to Ready slots), so it is checked every second.
+        readiness_probe: Some(Probe {
+            timeout_seconds: Some(1),
+            ..http_probe("/readyz", worker.health_port, 1, 2, None)
+        }),
+        liveness_probe: Some(http_probe("/healthz", worker.health_port, 10, 3, Some(10))),
+        resources: worker.resources,
+        security_context: Some(container_security_context()),
+        ..Container::default()
+    };
+    PodSpec {
+        containers: vec![container],
+        restart_policy: Some("Always".to_string()),
+        termination_grace_period_seconds: Some(worker.grace_seconds),
+        security_context: Some(pod_security_context()),
+        enable_service_links: Some(false),
+        ..PodSpec::default()
+    }
+}
+
 /// The pod spec of a worker of `lane` in slot `slot_name`. Lanes differ only
 /// in `LANE`, `CONSUMER_GROUP` and the backlog's `END_OFFSETS`.
 pub fn lane_pod_spec(owner: &Owner, spec: &RenderJobSpec, lane: Lane, slot_name: &str) -> PodSpec {
@@ -326,38 +442,17 @@ pub fn lane_pod_spec(owner: &Owner, spec: &RenderJobSpec, lane: Lane, slot_name:
         env("OUTPUT_DIR", literal(&spec.render.output_dir)),
         env("CONCURRENCY", spec.workers.concurrency.to_string()),
         env("DEAD_LETTER_TOPIC", literal(&dead_letter_topic(spec))),
-        pod_ip_env(),
-        env("RUST_LOG", "info"),
     ]);
-    // The user's variables come last, so they may override ours (the last
-    // definition of a name wins).
-    env_vars.extend(spec.workers.env.iter().flatten().cloned());
-
-    let container = Container {
-        name: "worker".to_string(),
-        image: Some(spec.workers.image.clone()),
-        args: Some(vec!["render".to_string()]),
-        env: Some(env_vars),
-        ports: Some(vec![http_port(WORKER_PORT)]),
-        // Readiness is what moves a stuck worker's partitions elsewhere (the
-        // plan assigns only to Ready slots), so it is checked every second.
-        readiness_probe: Some(Probe {
-            timeout_seconds: Some(1),
-            ..http_probe("/readyz", 1, 2, None)
-        }),
-        liveness_probe: Some(http_probe("/healthz", 10, 3, Some(10))),
+    fleet_pod_spec(WorkerContainer {
+        mode: "render",
+        image: spec.workers.image.clone(),
+        env: env_vars,
+        user_env: spec.workers.env.clone().unwrap_or_default(),
+        ports: vec![http_port(WORKER_PORT)],
+        health_port: "http",
         resources: spec.workers.resources.clone(),
-        security_context: Some(container_security_context()),
-        ..Container::default()
-    };
-    PodSpec {
-        containers: vec![container],
-        restart_policy: Some("Always".to_string()),
-        termination_grace_period_seconds: Some(worker_grace_seconds(spec)),
-        security_context: Some(pod_security_context()),
-        enable_service_links: Some(false),
-        ..PodSpec::default()
-    }
+        grace_seconds: worker_grace_seconds(spec),
+    })
 }
 
 /// The hash of everything a live worker pod's template is made from, so a
@@ -366,12 +461,16 @@ pub fn worker_template_hash(owner: &Owner, spec: &RenderJobSpec) -> String {
     lane_template_hash(owner, spec, Lane::Live)
 }
 
-/// The template hash of a lane's worker pods: FNV-1a over the JSON of the
-/// pod spec (slot name left out), so it is stable across builds and Rust
-/// versions, unlike `DefaultHasher`.
+/// The template hash of a lane's worker pods (see [`template_hash`]).
 pub fn lane_template_hash(owner: &Owner, spec: &RenderJobSpec, lane: Lane) -> String {
-    let template = lane_pod_spec(owner, spec, lane, "");
-    let bytes = serde_json::to_vec(&template).unwrap_or_default();
+    template_hash(&lane_pod_spec(owner, spec, lane, ""))
+}
+
+/// The template hash of a worker pod spec built for the slot name `""`:
+/// FNV-1a over its JSON, so it is stable across builds and Rust versions,
+/// unlike `DefaultHasher`.
+pub fn template_hash(template: &PodSpec) -> String {
+    let bytes = serde_json::to_vec(template).unwrap_or_default();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(b);
@@ -393,10 +492,25 @@ pub fn lane_pod(
     slot: i32,
     template_hash: &str,
 ) -> Pod {
-    let name = names::worker_pod_name(&owner.name, lane.name(), names::COLOR_BLUE, slot);
+    slot_pod(owner, lane.name(), slot, template_hash, |slot_name| {
+        lane_pod_spec(owner, spec, lane, slot_name)
+    })
+}
+
+/// The pod of `lane`'s slot `slot` (color blue), named
+/// `NAME-LANE-blue-SLOT`, labelled for its fleet, lane, color and slot, with
+/// its template hash; `spec` builds its pod spec for the slot name.
+pub fn slot_pod(
+    owner: &Owner,
+    lane: &str,
+    slot: i32,
+    template_hash: &str,
+    spec: impl FnOnce(&str) -> PodSpec,
+) -> Pod {
+    let name = names::worker_pod_name(&owner.name, lane, names::COLOR_BLUE, slot);
     let mut metadata = owner.meta(
         name.clone(),
-        names::worker_labels(&owner.name, lane.name(), names::COLOR_BLUE, slot),
+        names::worker_labels(owner.fleet, &owner.name, lane, names::COLOR_BLUE, slot),
     );
     metadata.annotations = Some(BTreeMap::from([(
         names::TEMPLATE_HASH.to_string(),
@@ -404,7 +518,7 @@ pub fn lane_pod(
     )]));
     Pod {
         metadata,
-        spec: Some(lane_pod_spec(owner, spec, lane, &name)),
+        spec: Some(spec(&name)),
         status: None,
     }
 }
@@ -505,21 +619,22 @@ pub(crate) mod tests {
         assert_eq!((o.name.as_str(), o.namespace.as_str()), ("demo", "ns"));
         let mut no_uid = j.clone();
         no_uid.metadata.uid = None;
-        assert_eq!(Owner::of(&no_uid), Err(InvalidJob::NoUid));
+        assert_eq!(Owner::of(&no_uid), Err(InvalidOwner::NoUid));
         let mut no_ns = j.clone();
         no_ns.metadata.namespace = None;
-        assert_eq!(Owner::of(&no_ns), Err(InvalidJob::NoNamespace));
+        assert_eq!(Owner::of(&no_ns), Err(InvalidOwner::NoNamespace));
         assert!(matches!(
             Owner::of(&job("a.b")),
-            Err(InvalidJob::Name { .. })
+            Err(InvalidOwner::Name { .. })
         ));
+        assert_eq!(o.fleet, Fleet::RenderJob);
     }
 
     #[test]
     fn progress_deployment_follows_the_contract() {
         let j = job("demo");
         let o = Owner::of(&j).unwrap();
-        let d = progress_deployment(&o, &j.spec);
+        let d = progress_deployment(&o, &ProgressConfig::render(&j.spec));
         assert_eq!(d.metadata.name.as_deref(), Some("demo-progress"));
         assert_owned(&d.metadata);
         let s = d.spec.as_ref().unwrap();
@@ -528,7 +643,7 @@ pub(crate) mod tests {
             s.strategy.as_ref().unwrap().type_.as_deref(),
             Some("Recreate")
         );
-        let labels = names::progress_labels("demo");
+        let labels = names::progress_labels(Fleet::RenderJob, "demo");
         assert_eq!(s.selector.match_labels.as_ref(), Some(&labels));
         assert_eq!(d.metadata.labels.as_ref(), Some(&labels));
         let t = s.template.metadata.as_ref().unwrap();
@@ -568,7 +683,7 @@ pub(crate) mod tests {
 
         let mut no_slo = j.spec.clone();
         no_slo.slo = None;
-        let d = progress_deployment(&o, &no_slo);
+        let d = progress_deployment(&o, &ProgressConfig::render(&no_slo));
         assert!(
             !env_map(d.spec.unwrap().template.spec.as_ref().unwrap()).contains_key("SLO_MILLIS")
         );
@@ -583,7 +698,10 @@ pub(crate) mod tests {
         assert_owned(&s.metadata);
         let spec = s.spec.unwrap();
         assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
-        assert_eq!(spec.selector, Some(names::progress_labels("demo")));
+        assert_eq!(
+            spec.selector,
+            Some(names::progress_labels(Fleet::RenderJob, "demo"))
+        );
         let p = &spec.ports.unwrap()[0];
         assert_eq!((p.name.as_deref(), p.port), (Some("http"), 8080));
         assert_eq!(p.target_port, Some(IntOrString::String("http".into())));
@@ -601,7 +719,13 @@ pub(crate) mod tests {
         assert_owned(&pod.metadata);
         assert_eq!(
             pod.metadata.labels.as_ref(),
-            Some(&names::worker_labels("demo", "live", "blue", 2))
+            Some(&names::worker_labels(
+                Fleet::RenderJob,
+                "demo",
+                "live",
+                "blue",
+                2
+            ))
         );
         assert_eq!(
             pod.metadata.annotations.as_ref().unwrap()["matchfleet.io/template-hash"],
@@ -716,6 +840,15 @@ pub(crate) mod tests {
         let mut env_changed = j.spec.clone();
         env_changed.workers.env = Some(vec![env("A", "b")]);
         assert_ne!(worker_template_hash(&o, &env_changed), h);
+    }
+
+    #[test]
+    fn template_hash_is_stable_across_builds() {
+        // A change here replaces every running RenderJob worker on upgrade:
+        // only a deliberate change of the worker template may move it.
+        let j = job("demo");
+        let o = Owner::of(&j).unwrap();
+        assert_eq!(worker_template_hash(&o, &j.spec), "59e27bb279f9cde6");
     }
 
     #[test]

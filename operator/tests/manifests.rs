@@ -1,7 +1,7 @@
-//! The install manifests and the example agree with what the operator does:
+//! The install manifests and the examples agree with what the operator does:
 //! the ClusterRole grants exactly the verbs the code uses, the Deployment
-//! gives the operator the environment it reads, and the example RenderJob is
-//! one the operator can serve.
+//! gives the operator the environment it reads, and the example RenderJob and
+//! MatchPipeline are ones the operator can serve.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -9,7 +9,8 @@ use std::path::Path;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use kube::ResourceExt;
-use matchfleet_api::RenderJob;
+use matchfleet_api::match_pipeline::{BuiltinScorer, MatchSettings};
+use matchfleet_api::{MatchPipeline, RenderJob};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -96,6 +97,10 @@ fn cluster_role_grants_exactly_what_the_operator_uses() {
             "renderjobs/status",
             &["get", "patch", "update"],
         ),
+        // The MatchPipeline controller lists and watches its resources and
+        // merge-patches their status, nothing more.
+        ("matchfleet.io", "matchpipelines", &["list", "watch"]),
+        ("matchfleet.io", "matchpipelines/status", &["patch"]),
         ("", "pods", &["get", "list", "watch", "create", "delete"]),
         ("", "services", &["get", "list", "watch", "create", "patch"]),
         (
@@ -237,4 +242,66 @@ fn example_render_job_is_servable() {
     let hash = matchfleet_operator::resources::worker_template_hash(&owner, &job.spec);
     let pod = matchfleet_operator::resources::worker_pod(&owner, &job.spec, 0, &hash);
     assert_eq!(pod.name_any(), "demo-live-blue-0");
+}
+
+#[test]
+fn example_match_pipeline_is_servable() {
+    let docs = documents("manifests/examples/matchpipeline.yaml");
+    assert_eq!(docs.len(), 1);
+    let mut mp: MatchPipeline = serde_json::from_value(docs[0].clone()).expect("a MatchPipeline");
+    assert_eq!(mp.name_any(), "matchmaker");
+    let spec = &mp.spec;
+    assert_eq!(spec.source.topic, "match-requests");
+    assert_eq!(spec.source.bootstrap_servers, "127.0.0.1:9092");
+    assert_eq!(spec.results_topic, "match-results");
+    assert_eq!(spec.features.dimension, 32);
+    assert_eq!(
+        (
+            spec.window.size_millis,
+            spec.window.out_of_order_millis,
+            spec.window.idle_millis
+        ),
+        (500, 200, 1000)
+    );
+    let scorers: Vec<(&str, Option<BuiltinScorer>)> = spec
+        .scorers
+        .iter()
+        .map(|s| (s.name.as_str(), s.builtin))
+        .collect();
+    assert_eq!(
+        scorers,
+        [
+            ("cosine", Some(BuiltinScorer::Cosine)),
+            ("complement", Some(BuiltinScorer::Complement))
+        ]
+    );
+    assert!(spec.scorers.iter().all(|s| s.http.is_none()));
+    assert_eq!(spec.workers.max_replicas, 4);
+    // Heartbeat defaults.
+    assert_eq!(
+        (spec.heartbeat.interval_millis, spec.heartbeat.lease_millis),
+        (1000, 6000)
+    );
+    assert!(
+        matchfleet_operator::pipeline::validate::problems(spec).is_empty(),
+        "{:?}",
+        matchfleet_operator::pipeline::validate::problems(spec)
+    );
+
+    mp.metadata.namespace = Some("default".to_string());
+    mp.metadata.uid = Some("u".to_string());
+    let owner = matchfleet_operator::resources::Owner::of(&mp).expect("a valid name");
+    let hash = matchfleet_operator::pipeline::resources::template_hash(&owner, &mp.spec);
+    let pod = matchfleet_operator::pipeline::resources::match_pod(&owner, &mp.spec, 0, &hash);
+    assert_eq!(pod.name_any(), "matchmaker-live-blue-0");
+    let settings = pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "MATCH_SETTINGS")
+        .and_then(|e| e.value.clone())
+        .expect("MATCH_SETTINGS");
+    let settings: MatchSettings = serde_json::from_str(&settings).expect("MatchSettings JSON");
+    assert_eq!(settings.window.size_millis, 500);
+    assert_eq!(settings.scorers.len(), 2);
 }

@@ -7,6 +7,15 @@ use warp::http::StatusCode;
 use warp::reply::Reply;
 use warp::Filter;
 
+/// Appends one metric in Prometheus text format.
+pub fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    use std::fmt::Write;
+    let _ = write!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+    );
+}
+
 /// A value computed on each request.
 pub type Probe<T> = Arc<dyn Fn() -> T + Send + Sync>;
 

@@ -4,6 +4,7 @@
 pub mod dead_letters;
 pub mod fleet;
 pub mod health;
+pub mod match_mode;
 pub mod matching;
 pub mod progress;
 pub mod render;

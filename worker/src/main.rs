@@ -17,6 +17,8 @@ enum Mode {
     Progress(matchfleet_worker::progress::ProgressArgs),
     /// Render mode: run a command once per message of the leased partitions.
     Render(matchfleet_worker::render::RenderArgs),
+    /// Match mode: windowed matchmaking over the leased partitions, results exactly once.
+    Match(matchfleet_worker::match_mode::MatchArgs),
 }
 
 #[tokio::main]
@@ -25,5 +27,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().mode {
         Mode::Progress(args) => matchfleet_worker::progress::run(args).await,
         Mode::Render(args) => matchfleet_worker::render::run(args).await,
+        Mode::Match(args) => matchfleet_worker::match_mode::run(args).await,
     }
 }

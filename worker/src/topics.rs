@@ -66,3 +66,9 @@ pub fn partition_count(bootstrap: &str, topic: &str) -> anyhow::Result<i32> {
         None => anyhow::bail!("topic {topic} does not exist"),
     }
 }
+
+/// [`partition_count`] off the async runtime's threads.
+pub async fn partition_count_async(bootstrap: &str, topic: &str) -> anyhow::Result<i32> {
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || partition_count(&bootstrap, &topic)).await?
+}

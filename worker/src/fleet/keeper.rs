@@ -53,6 +53,53 @@ pub struct KeeperStats {
     pub ready: AtomicBool,
 }
 
+impl KeeperStats {
+    /// The lease metrics every fleet mode exposes on `/metrics`.
+    pub fn write_metrics(&self, out: &mut String) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "matchfleet_worker_heartbeats_total",
+                "counter",
+                "Heartbeats answered.",
+                get(&self.beats_ok),
+            ),
+            (
+                "matchfleet_worker_heartbeat_failures_total",
+                "counter",
+                "Heartbeats that failed.",
+                get(&self.beats_failed),
+            ),
+            (
+                "matchfleet_worker_partitions_acquired_total",
+                "counter",
+                "Partitions acquired.",
+                get(&self.acquired),
+            ),
+            (
+                "matchfleet_worker_partitions_fenced_total",
+                "counter",
+                "Partitions whose work was killed by a fence or a lost lease.",
+                get(&self.fenced),
+            ),
+            (
+                "matchfleet_worker_partitions_released_total",
+                "counter",
+                "Partitions drained and released.",
+                get(&self.released),
+            ),
+            (
+                "matchfleet_worker_partitions_held",
+                "gauge",
+                "Partitions held now.",
+                get(&self.held),
+            ),
+        ] {
+            crate::health::write_metric(out, name, kind, help, value);
+        }
+    }
+}
+
 struct Held {
     guard: Arc<LeaseGuard>,
     task: JoinHandle<WorkEnd>,

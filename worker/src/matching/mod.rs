@@ -1,7 +1,127 @@
-//! The `match` mode's building blocks (issue 4). First brick: the batch pair
-//! scorer that turns a window's request and candidate feature vectors into a
-//! score matrix as one small GEMM instead of pair by pair.
+//! The `match` mode's engine (issue 4): everything between "a validated
+//! request was read from partition p" and "these results and this changelog
+//! delta go into one Kafka transaction", with no Kafka and no HTTP. One
+//! [`PartitionEngine`] per input partition.
+//!
+//! # Semantics
+//!
+//! **Windows and watermark.** Event-time tumbling windows per segment: a
+//! request with event time `t` belongs to the window starting at
+//! `floor(t / w) · w` (`w = window.sizeMillis`). The partition's watermark
+//! is `max event time seen − window.outOfOrderMillis` and never goes back.
+//! Idle rule: when no request was ingested for `window.idleMillis` of wall
+//! time (the `now` the caller passes, ms), the watermark becomes at least
+//! `now − idleMillis − outOfOrderMillis`, so the last windows close without
+//! new traffic. A window `[s, s + w)` of a segment is due once the watermark
+//! is ≥ `s + w`; `close` closes due windows oldest first, per segment in
+//! order of start, and a window made due by leftovers carried into it closes
+//! in the same call. Each segment remembers the end of its last closed window.
+//!
+//! **Late requests.** A request whose window is already closed for its
+//! segment is `watermark − event_time` late. At most
+//! `window.allowedLatenessMillis` late, it joins the segment's earliest open
+//! window (the one starting where the last closed one ended); later, it is
+//! settled at once as `Expired { reason: TooLate, windows: 0 }` (returned by
+//! [`PartitionEngine::ingest`]). A segment that never closed a window has no
+//! late requests.
+//!
+//! **Who takes part.** One request per user per window: the one that has
+//! waited most windows, then the earliest ingested. The user's other requests
+//! in that window are held back to the next window, and the window counts
+//! toward their wait.
+//!
+//! **Pairs.** `(a, b)` is allowed iff
+//! [`mutually_acceptable`](matchfleet_api::matching::mutually_acceptable),
+//! the users are not in cooldown (a match of the two users whose deadline
+//! — that match's window end + `rematchCooldownSeconds` — is after this
+//! window's start) and the score is ≥ `matching.minScore`. Scores come from
+//! the scorer the bandit chose for the window, as one batch over the window
+//! ([`score_batch`]: cosine of L2-normalised vectors; `complement` is
+//! −cosine), or from an HTTP scorer's answer (below); never pair by pair.
+//!
+//! **Matchmaker** ([`matchmaker`]): maximum total weight, a pair weighing
+//! `score − minScore + 10⁻⁶`. Exact (DP over subsets) for windows of at most
+//! `matching.exactBelow` (≤ 20) requests; otherwise the greedy matching (½ of
+//! the optimum) computed from per-request top-K candidate lists scored in row
+//! blocks, never an n × n matrix, with refills so that it equals the greedy
+//! matching of the full graph.
+//!
+//! **Results.** One `Matched` per pair: `match_id` = 128-bit FNV-1a of
+//! (segment, window start, the two request ids sorted) in hex; users sorted
+//! by (user, request id); `closed_at` = `now`; `scorer` = the scorer
+//! actually used; `partition` = the engine's. Unmatched participants (and
+//! held-back requests) move to the segment's next window; one that has now
+//! waited `matching.maxWaitWindows` windows is settled as
+//! `Expired { reason: NoPartner, windows }`. Every ingested request is
+//! settled exactly once, as the watermark advances (the idle rule makes sure
+//! it does).
+//!
+//! **Cooldowns** are kept per user pair with their deadline; at the end of
+//! each `close`, entries whose deadline is ≤ the watermark are dropped (their
+//! changelog keys tombstoned). A window that starts before the watermark —
+//! a late request's window in a segment idle for a while — may thus see a pair
+//! whose deadline fell between its start and the watermark as free: the TTL's
+//! price for bounded state.
+//!
+//! **Bandit** ([`bandit`]): per segment, Thompson sampling over the
+//! configured scorers with Beta(1 + successes, 1 + failures) posteriors; the
+//! draw for a window uses a PCG64 seeded from (partition, segment, window
+//! start), so a replay picks the same arm. The choice is made once per window
+//! (by `due` or `close`, whichever comes first) and kept until it closes.
+//! [`PartitionEngine::record_reward`] feeds it (the feedback join).
+//!
+//! **HTTP scorers, two phases.** [`PartitionEngine::due`] lists the windows
+//! that would close now, each with its [`WindowId`] (segment, start and a
+//! digest of its requests), the chosen scorer, and for HTTP scorers the
+//! request ids and vectors to send. The caller passes the answers to
+//! [`PartitionEngine::close`] as `n × n` row-major scores by `WindowId`; a
+//! missing or mis-sized answer, or one computed for another composition of
+//! the window, falls back to the first builtin scorer (or cosine).
+//!
+//! **Counters** (cumulative, persisted): `requests` (ingested, including
+//! too-late ones), `matched` (pairs), `expired` (both reasons),
+//! `deadLettered` ([`PartitionEngine::record_dead_letter`]).
+//!
+//! # Driving it (the Kafka layer)
+//!
+//! - On acquiring a partition: [`PartitionEngine::restore`] from the
+//!   partition's changelog records, before the first input record.
+//! - Per input record: [`PartitionEngine::ingest`]. `Ok(Some(result))` is a
+//!   request settled at once (too late); `Ok(None)` waits for its window;
+//!   `Err` (invalid, event time out of range, request id already pending)
+//!   goes to the dead-letter topic, then `record_dead_letter`. There is no
+//!   separate results buffer: every result is returned by the call that
+//!   settled it.
+//! - Periodically: [`PartitionEngine::due`]`(now)`; call the HTTP scorers of
+//!   the windows that name one; then [`PartitionEngine::close`]`(now, answers)`.
+//! - Then [`PartitionEngine::take_changes`] and
+//!   [`PartitionEngine::counters`], written with the results and the consumed
+//!   offsets in one transaction.
+//!
+//! # State and changelog
+//!
+//! [`PartitionEngine::take_changes`] returns the delta since its last call
+//! (see [`changelog`] for keys and values); [`PartitionEngine::restore`]
+//! rebuilds an engine from all deltas so far that from then on behaves
+//! exactly like the original (property-tested). Results are not state: call
+//! `take_changes` at the points where the results returned so far are
+//! committed with it, in the same transaction.
 
+pub mod bandit;
+pub mod changelog;
+pub mod config;
+pub mod cooldown;
+mod digest;
+pub mod engine;
+pub mod matchmaker;
+pub mod pairing;
 pub mod score;
+pub mod window;
 
+#[cfg(test)]
+mod engine_tests;
+
+pub use changelog::RestoreError;
+pub use config::{ConfigError, EngineConfig, Scorer, ScorerKind};
+pub use engine::{DueWindow, HttpScoring, IngestError, PartitionEngine, WindowId};
 pub use score::{score_batch, score_naive, score_path, FeatureMatrix, ScoreError, ScorePath};

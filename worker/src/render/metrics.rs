@@ -28,9 +28,7 @@ impl RenderMetrics {
     pub fn text(&self, keeper: &KeeperStats) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
+            crate::health::write_metric(&mut out, name, kind, help, value)
         };
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         metric(
@@ -105,42 +103,7 @@ impl RenderMetrics {
             "Render commands finished.",
             get(&self.render_count),
         );
-        metric(
-            "matchfleet_worker_heartbeats_total",
-            "counter",
-            "Heartbeats answered.",
-            get(&keeper.beats_ok),
-        );
-        metric(
-            "matchfleet_worker_heartbeat_failures_total",
-            "counter",
-            "Heartbeats that failed.",
-            get(&keeper.beats_failed),
-        );
-        metric(
-            "matchfleet_worker_partitions_acquired_total",
-            "counter",
-            "Partitions acquired.",
-            get(&keeper.acquired),
-        );
-        metric(
-            "matchfleet_worker_partitions_fenced_total",
-            "counter",
-            "Partitions whose work was killed by a fence or a lost lease.",
-            get(&keeper.fenced),
-        );
-        metric(
-            "matchfleet_worker_partitions_released_total",
-            "counter",
-            "Partitions drained and released.",
-            get(&keeper.released),
-        );
-        metric(
-            "matchfleet_worker_partitions_held",
-            "gauge",
-            "Partitions held now.",
-            get(&keeper.held),
-        );
+        keeper.write_metrics(&mut out);
         out
     }
 }

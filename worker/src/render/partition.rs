@@ -15,12 +15,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Mutex};
 use tracing::{error, info, warn, Instrument};
 
-use crate::dead_letters::Letter;
 use super::message::{self, Task};
 use super::metrics::RenderMetrics;
 use super::offsets::OffsetTracker;
 use super::task::TaskEnd;
 use super::RenderWorker;
+use crate::dead_letters::Letter;
 use crate::fleet::guard::LeaseGuard;
 use crate::fleet::keeper::{PartitionWorker, WorkEnd};
 

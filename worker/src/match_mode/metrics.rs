@@ -1,0 +1,104 @@
+//! The match worker's counters, exposed as Prometheus text on `/metrics`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::fleet::keeper::KeeperStats;
+
+#[derive(Debug, Default)]
+pub struct MatchMetrics {
+    pub requests: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub windows_closed: AtomicU64,
+    pub matched: AtomicU64,
+    pub expired: AtomicU64,
+    pub commits: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub commit_micros_sum: AtomicU64,
+    pub restored_records: AtomicU64,
+    pub http_scorer_fallbacks: AtomicU64,
+    pub nudges_sent: AtomicU64,
+    pub ingested_http: AtomicU64,
+}
+
+impl MatchMetrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn text(&self, keeper: &KeeperStats) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        for (name, help, value) in [
+            (
+                "requests_total",
+                "Valid match requests read.",
+                get(&self.requests),
+            ),
+            (
+                "dead_lettered_total",
+                "Malformed requests sent to the dead-letter topic.",
+                get(&self.dead_lettered),
+            ),
+            (
+                "windows_closed_total",
+                "Event-time windows closed.",
+                get(&self.windows_closed),
+            ),
+            (
+                "matched_total",
+                "Matches committed (pairs).",
+                get(&self.matched),
+            ),
+            (
+                "expired_total",
+                "Requests committed as expired.",
+                get(&self.expired),
+            ),
+            (
+                "commits_total",
+                "Transactions committed.",
+                get(&self.commits),
+            ),
+            (
+                "commit_failures_total",
+                "Transactions that failed (the partition was given up).",
+                get(&self.commit_failures),
+            ),
+            (
+                "commit_micros_total",
+                "Time spent committing transactions, microseconds.",
+                get(&self.commit_micros_sum),
+            ),
+            (
+                "restored_records_total",
+                "State changelog records read when taking partitions.",
+                get(&self.restored_records),
+            ),
+            (
+                "http_scorer_fallbacks_total",
+                "Windows an HTTP scorer did not answer in time for (a builtin scorer was used).",
+                get(&self.http_scorer_fallbacks),
+            ),
+            (
+                "nudges_sent_total",
+                "Nudges pushed to connected WebSocket clients.",
+                get(&self.nudges_sent),
+            ),
+            (
+                "ingested_http_total",
+                "Requests accepted over HTTP and produced to the request topic.",
+                get(&self.ingested_http),
+            ),
+        ] {
+            crate::health::write_metric(
+                &mut out,
+                &format!("matchfleet_match_{name}"),
+                "counter",
+                help,
+                value,
+            );
+        }
+        keeper.write_metrics(&mut out);
+        out
+    }
+}

@@ -1,0 +1,293 @@
+//! The work on one leased partition: fence the previous owner, restore the
+//! state, then read requests from the committed offset and commit each step
+//! (results + state changes + dead letters + offset) in one transaction,
+//! only while the lease guard is valid.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use matchfleet_api::matching::{parse_request, MatchResult};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{error, info, warn, Instrument};
+
+use super::metrics::MatchMetrics;
+use super::restore;
+use super::txn::{Commit, OwnedLetter, Transactions};
+use super::MatchWorker;
+use crate::fleet::guard::LeaseGuard;
+use crate::fleet::keeper::{PartitionWorker, WorkEnd};
+use crate::matching::PartitionEngine;
+
+/// Requests taken from the consumer's queue at once before windows are checked.
+const BURST: usize = 512;
+/// How often due windows are checked when no request arrives (idle close).
+const TICK: Duration = Duration::from_millis(10);
+
+impl PartitionWorker for MatchWorker {
+    fn run(self: Arc<Self>, guard: Arc<LeaseGuard>) -> BoxFuture<'static, WorkEnd> {
+        let span = tracing::info_span!("partition", lane = %guard.lane, partition = guard.partition, epoch = guard.epoch);
+        Box::pin(
+            async move {
+                match self.work(&guard).await {
+                    Ok(end) => end,
+                    Err(e) => {
+                        error!(error = %e, "partition work failed; giving the lease back");
+                        guard.fence();
+                        WorkEnd::Killed
+                    }
+                }
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// What was read but not yet committed.
+#[derive(Default)]
+struct Uncommitted {
+    results: Vec<MatchResult>,
+    letters: Vec<OwnedLetter>,
+    /// The next offset to read, once anything was read.
+    next_offset: Option<i64>,
+    /// Whether anything was read since the last commit.
+    read: bool,
+}
+
+fn wall_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl MatchWorker {
+    fn consumer(&self, partition: i32) -> anyhow::Result<StreamConsumer> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", &self.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        // `Stored`: the offset the last committed transaction left (earliest if none).
+        tpl.add_partition_offset(&self.topics.source, partition, Offset::Stored)?;
+        consumer.assign(&tpl)?;
+        Ok(consumer)
+    }
+
+    async fn work(&self, guard: &LeaseGuard) -> anyhow::Result<WorkEnd> {
+        let partition = guard.partition;
+        let started = Instant::now();
+        // Fence first: after this no earlier owner can commit, and its open
+        // transaction is aborted, so the state read next is final.
+        let txn = Transactions::open(
+            &self.bootstrap,
+            &self.transactional_id(partition),
+            self.topics.clone(),
+            partition,
+        )
+        .await?;
+        let (bootstrap, changelog) = (self.bootstrap.clone(), self.topics.changelog.clone());
+        let records = tokio::task::spawn_blocking(move || {
+            restore::read_partition(&bootstrap, &changelog, partition)
+        })
+        .await??;
+        MatchMetrics::add(&self.metrics.restored_records, records.len() as u64);
+        let restored = records.len();
+        let mut engine = PartitionEngine::restore(partition, self.engine_config.clone(), records)
+            .map_err(|e| {
+            anyhow::anyhow!("cannot restore partition {partition}'s state: {e}")
+        })?;
+        guard.set_counters(engine.counters());
+        if !guard.valid() {
+            return Ok(WorkEnd::Killed);
+        }
+        let consumer = self.consumer(partition)?;
+        if consumer.group_metadata().is_none() {
+            anyhow::bail!("the consumer has no group metadata");
+        }
+        info!(
+            restored,
+            pending = engine.pending(),
+            millis = started.elapsed().as_millis() as u64,
+            "partition taken"
+        );
+
+        let mut stream = consumer.stream();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_commit = Instant::now();
+        let mut pending = Uncommitted::default();
+        let mut releasing = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = guard.fenced() => {
+                    txn.abort_quietly().await;
+                    return Ok(WorkEnd::Killed);
+                }
+                _ = guard.releasing(), if !releasing => {
+                    releasing = true;
+                    info!("release: committing what was read, then handing over");
+                }
+                next = stream.next(), if !releasing => {
+                    let Some(first) = next else { return Ok(WorkEnd::Killed) };
+                    self.take(&mut engine, &mut pending, first);
+                    // Whatever else is already queued, without waiting.
+                    for _ in 1..BURST {
+                        match stream.next().now_or_never() {
+                            Some(Some(more)) => self.take(&mut engine, &mut pending, more),
+                            _ => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            let now = wall_millis();
+            let due = engine.due(now);
+            if !due.is_empty() {
+                // HTTP scorers are not called yet: their windows use the builtin fallback.
+                let external = HashMap::new();
+                let fallbacks = due.iter().filter(|w| w.http.is_some()).count();
+                MatchMetrics::add(&self.metrics.http_scorer_fallbacks, fallbacks as u64);
+                MatchMetrics::add(&self.metrics.windows_closed, due.len() as u64);
+                pending.results.extend(engine.close(now, &external));
+            }
+            let settled = !pending.results.is_empty() || !pending.letters.is_empty();
+            let stale = pending.read && last_commit.elapsed() >= self.commit_interval;
+            if settled || stale || (releasing && pending.read) {
+                if !guard.valid() {
+                    txn.abort_quietly().await;
+                    return Ok(WorkEnd::Killed);
+                }
+                if !self
+                    .commit(&txn, &consumer, &mut engine, &mut pending, guard)
+                    .await
+                {
+                    return Ok(WorkEnd::Killed);
+                }
+                last_commit = Instant::now();
+            }
+            if releasing {
+                info!(committed = guard.committed(), "released");
+                return Ok(WorkEnd::Drained);
+            }
+        }
+    }
+
+    /// Reads one record into the engine, or into the dead letters.
+    fn take(
+        &self,
+        engine: &mut PartitionEngine,
+        pending: &mut Uncommitted,
+        next: Result<BorrowedMessage<'_>, rdkafka::error::KafkaError>,
+    ) {
+        let msg = match next {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "consume error");
+                return;
+            }
+        };
+        let offset = msg.offset();
+        pending.next_offset = Some(offset + 1);
+        pending.read = true;
+        let parsed = parse_request(msg.key(), msg.payload(), engine.config().dimension())
+            .map_err(|e| e.to_string())
+            .and_then(|req| engine.ingest(req, wall_millis()).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(settled) => {
+                MatchMetrics::add(&self.metrics.requests, 1);
+                pending.results.extend(settled);
+            }
+            Err(reason) => {
+                warn!(offset, %reason, "malformed request to the dead-letter topic");
+                engine.record_dead_letter();
+                pending.letters.push(OwnedLetter {
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    offset,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Commits what was read and settled; false when the partition must be given up.
+    async fn commit(
+        &self,
+        txn: &Transactions,
+        consumer: &StreamConsumer,
+        engine: &mut PartitionEngine,
+        pending: &mut Uncommitted,
+        guard: &LeaseGuard,
+    ) -> bool {
+        // None when windows closed (idle) before anything was read under this
+        // lease: the input offset stays where the last owner committed it.
+        let next_offset = pending.next_offset;
+        let results = std::mem::take(&mut pending.results);
+        let (matched, expired) = results.iter().fold((0, 0), |(m, e), r| match r {
+            MatchResult::Matched { .. } => (m + 1, e),
+            MatchResult::Expired { .. } => (m, e + 1),
+        });
+        let commit = Commit {
+            results: results
+                .iter()
+                .map(|r| (result_key(r), serde_json::to_vec(r).unwrap_or_default()))
+                .collect(),
+            changes: engine.take_changes(),
+            letters: std::mem::take(&mut pending.letters),
+            next_offset,
+        };
+        let letters = commit.letters.len() as u64;
+        let started = Instant::now();
+        let committed = match consumer.group_metadata() {
+            Some(group) => txn.commit(commit, group).await,
+            None => Err(anyhow::anyhow!("the consumer has no group metadata")),
+        };
+        match committed {
+            Ok(()) => {
+                MatchMetrics::add(&self.metrics.commits, 1);
+                MatchMetrics::add(
+                    &self.metrics.commit_micros_sum,
+                    started.elapsed().as_micros() as u64,
+                );
+                MatchMetrics::add(&self.metrics.matched, matched);
+                MatchMetrics::add(&self.metrics.expired, expired);
+                MatchMetrics::add(&self.metrics.dead_lettered, letters);
+                pending.read = false;
+                if let Some(next) = next_offset {
+                    guard.set_committed(next);
+                }
+                guard.set_counters(engine.counters());
+                true
+            }
+            Err(e) => {
+                // The engine is ahead of what Kafka has: give the partition up;
+                // its next owner (maybe this worker) restores the committed state.
+                MatchMetrics::add(&self.metrics.commit_failures, 1);
+                warn!(error = %e, "transaction failed; giving the partition up");
+                guard.fence();
+                false
+            }
+        }
+    }
+}
+
+/// Results are keyed by segment, like the requests they settle.
+fn result_key(r: &MatchResult) -> String {
+    match r {
+        MatchResult::Matched { segment, .. } | MatchResult::Expired { segment, .. } => {
+            segment.clone()
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! One Kafka transaction per commit of a partition's work: its results, its
+//! state changes, its dead letters and the input offset, all or nothing.
+//! The transactional.id follows the partition (`<prefix>.<partition>`), so
+//! when the partition changes owner the new owner's `init_transactions`
+//! fences the old one at the broker - the pattern for `assign()` consumers,
+//! which have no group generation to fence by.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::dead_letters::Letter;
+
+/// How long one transactional call may block.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a partition's records go.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub source: String,
+    pub results: String,
+    /// Partitions of the results topic (results go to `partition % this`).
+    pub results_partitions: i32,
+    pub changelog: String,
+    pub dead_letters: String,
+}
+
+/// A malformed record, owned so it can cross into the blocking commit.
+#[derive(Debug, Clone)]
+pub struct OwnedLetter {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub offset: i64,
+    pub reason: String,
+}
+
+/// Everything one transaction writes.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// (key, value) of each result.
+    pub results: Vec<(String, Vec<u8>)>,
+    pub changes: Vec<(String, Option<Vec<u8>>)>,
+    pub letters: Vec<OwnedLetter>,
+    /// The next input offset to read, committed with the transaction (None:
+    /// nothing was read since the last commit that moved it).
+    pub next_offset: Option<i64>,
+}
+
+pub struct Transactions {
+    producer: Arc<ThreadedProducer<DefaultProducerContext>>,
+    topics: Topics,
+    partition: i32,
+}
+
+impl Transactions {
+    /// Creates the partition's transactional producer and fences every
+    /// earlier producer of the partition (aborting its open transaction).
+    pub async fn open(
+        bootstrap: &str,
+        transactional_id: &str,
+        topics: Topics,
+        partition: i32,
+    ) -> anyhow::Result<Self> {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", "60000")
+            .set("linger.ms", "1")
+            // The next transaction's AddPartitionsToTxn is refused with
+            // CONCURRENT_TRANSACTIONS until the broker has written the last
+            // one's markers; librdkafka retries after retry.backoff.ms (100 ms
+            // by default), which would cap a partition at a few commits/s.
+            .set("retry.backoff.ms", "5")
+            .set("retry.backoff.max.ms", "50")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()?;
+        let producer = Arc::new(producer);
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(CALL_TIMEOUT))
+            .await?
+            .map_err(|e| anyhow::anyhow!("init_transactions for {transactional_id}: {e}"))?;
+        Ok(Transactions {
+            producer,
+            topics,
+            partition,
+        })
+    }
+
+    /// Writes `commit` in one transaction. Any error leaves nothing visible;
+    /// the caller then gives the partition up (its in-memory state is ahead
+    /// of what was committed) and the next owner restores from the changelog.
+    pub async fn commit(&self, commit: Commit, group: ConsumerGroupMetadata) -> anyhow::Result<()> {
+        let producer = self.producer.clone();
+        let topics = self.topics.clone();
+        let partition = self.partition;
+        let mut offsets = TopicPartitionList::new();
+        if let Some(next) = commit.next_offset {
+            offsets.add_partition_offset(&topics.source, partition, Offset::Offset(next))?;
+        }
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            producer.begin_transaction()?;
+            let written = write_all(&producer, &topics, partition, &commit)
+                .and_then(|()| {
+                    if offsets.count() == 0 {
+                        return Ok(());
+                    }
+                    producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
+                })
+                .and_then(|()| producer.commit_transaction(CALL_TIMEOUT));
+            tracing::debug!(
+                micros = started.elapsed().as_micros() as u64,
+                results = commit.results.len(),
+                changes = commit.changes.len(),
+                "transaction"
+            );
+            if written.is_err() {
+                // Best effort: a fenced producer cannot abort, and need not.
+                let _ = producer.abort_transaction(CALL_TIMEOUT);
+            }
+            written
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!("transaction of partition {partition}: {e}"))
+    }
+
+    /// Aborts an open transaction, if any (on fencing: nothing more is written).
+    pub async fn abort_quietly(&self) {
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            let _ = producer.abort_transaction(Duration::from_secs(5));
+        })
+        .await;
+    }
+}
+
+fn write_all(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topics: &Topics,
+    partition: i32,
+    commit: &Commit,
+) -> Result<(), KafkaError> {
+    let results_partition = partition % topics.results_partitions.max(1);
+    for (key, value) in &commit.results {
+        send(
+            producer,
+            BaseRecord::to(&topics.results)
+                .partition(results_partition)
+                .key(key.as_bytes())
+                .payload(value.as_slice()),
+        )?;
+    }
+    for (key, value) in &commit.changes {
+        let mut record = BaseRecord::<[u8], [u8]>::to(&topics.changelog)
+            .partition(partition)
+            .key(key.as_bytes());
+        if let Some(v) = value {
+            record = record.payload(v.as_slice());
+        }
+        send(producer, record)?;
+    }
+    for letter in &commit.letters {
+        let headers = Letter {
+            key: letter.key.as_deref(),
+            value: letter.value.as_deref(),
+            partition,
+            offset: letter.offset,
+            reason: &letter.reason,
+        }
+        .headers(&topics.source);
+        let mut record = BaseRecord::<[u8], [u8]>::to(&topics.dead_letters).headers(headers);
+        if let Some(k) = &letter.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &letter.value {
+            record = record.payload(v.as_slice());
+        }
+        send(producer, record)?;
+    }
+    Ok(())
+}
+
+/// Enqueues a record, waiting while librdkafka's queue is full.
+fn send<'a>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'a, [u8], [u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}

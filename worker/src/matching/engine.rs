@@ -1,0 +1,738 @@
+//! [`PartitionEngine`]: the state machine of one input partition — windows,
+//! watermark, leftovers, cooldowns, bandit, counters — and its changelog.
+//! The semantics are in the docs of [`crate::matching`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use matchfleet_api::match_pipeline::BuiltinScorer;
+use matchfleet_api::matching::{
+    ExpiryReason, InvalidRequest, MatchRequest, MatchResult, MatchedUser,
+};
+use thiserror::Error;
+
+use super::bandit::{self, ArmStats};
+use super::changelog::{
+    self, cooldown_key, encode, request_key, segment_key, Counters, MetaRecord, Record,
+    RequestRecord, RestoreError, SegmentRecord, META_KEY,
+};
+use super::config::{EngineConfig, ScorerKind};
+use super::cooldown::{CooldownBook, UserPair};
+use super::digest::{self, Digest};
+use super::matchmaker::{match_window, MatchParams, Pair};
+use super::pairing::{Scores, WindowFilter, WindowPairs};
+use super::score::FeatureMatrix;
+use super::window::{window_start, EventClock, MAX_ABS_EVENT_TIME};
+
+/// A window of one segment, as `due` saw it: `digest` is a hash of its
+/// requests in order, so scores computed for another composition (a late
+/// request joined in between, leftovers were carried in) are never applied.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WindowId {
+    pub segment: String,
+    pub start: i64,
+    pub digest: u64,
+}
+
+/// A window that closes at the `now` passed to [`PartitionEngine::due`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueWindow {
+    pub id: WindowId,
+    pub end: i64,
+    /// The scorer the bandit chose.
+    pub scorer: String,
+    /// Set when that scorer is HTTP: what to send it.
+    pub http: Option<HttpScoring>,
+}
+
+/// What an HTTP scorer needs for one window. Its answer goes to
+/// [`PartitionEngine::close`] as `n × n` scores, row-major, rows and columns
+/// in the order of `request_ids`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpScoring {
+    pub url: String,
+    pub timeout_millis: i32,
+    pub request_ids: Vec<String>,
+    pub vectors: Vec<Vec<f32>>,
+}
+
+/// A request the engine refuses; the caller dead-letters it.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidRequest),
+    #[error("event time {0} is outside ±{MAX_ABS_EVENT_TIME} ms")]
+    EventTimeOutOfRange(i64),
+    #[error("request id {0:?} is already pending")]
+    Duplicate(String),
+}
+
+/// A request waiting in a window.
+#[derive(Debug, Clone)]
+struct Pending {
+    request: MatchRequest,
+    seq: u64,
+    window: i64,
+    windows: u32,
+}
+
+impl Pending {
+    fn record(&self) -> RequestRecord {
+        RequestRecord {
+            request: self.request.clone(),
+            seq: self.seq,
+            window: self.window,
+            windows: self.windows,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Segment {
+    record: SegmentRecord,
+    /// Pending request ids by window start, then sequence number (derived
+    /// from the requests, not persisted).
+    windows: BTreeMap<i64, BTreeMap<u64, String>>,
+}
+
+/// A changelog key that may have changed since the last `take_changes`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Dirty {
+    Segment(String),
+    Request(String),
+    Cooldown(UserPair),
+}
+
+/// The matchmaking state of one input partition. Pure: time comes in as
+/// arguments, output goes out as return values.
+#[derive(Debug, Clone)]
+pub struct PartitionEngine {
+    partition: i32,
+    config: EngineConfig,
+    clock: EventClock,
+    next_seq: u64,
+    counters: Counters,
+    segments: BTreeMap<String, Segment>,
+    requests: HashMap<String, Pending>,
+    cooldowns: CooldownBook,
+    dirty: BTreeSet<Dirty>,
+    /// `r/` and `c/` keys whose last change written was an upsert.
+    persisted: HashSet<String>,
+    /// The meta value last written (or restored).
+    last_meta: Option<Vec<u8>>,
+}
+
+impl PartitionEngine {
+    pub fn new(partition: i32, config: EngineConfig) -> Self {
+        PartitionEngine {
+            partition,
+            config,
+            clock: EventClock::default(),
+            next_seq: 0,
+            counters: Counters::default(),
+            segments: BTreeMap::new(),
+            requests: HashMap::new(),
+            cooldowns: CooldownBook::default(),
+            dirty: BTreeSet::new(),
+            persisted: HashSet::new(),
+            last_meta: None,
+        }
+    }
+
+    /// Rebuilds the engine from its changelog: `(key, Some(value))` upserts
+    /// and `(key, None)` tombstones in log order, the last per key winning.
+    /// Restored requests must fit `config` (vector dimension, event time).
+    pub fn restore(
+        partition: i32,
+        config: EngineConfig,
+        records: impl IntoIterator<Item = (String, Option<Vec<u8>>)>,
+    ) -> Result<Self, RestoreError> {
+        let mut latest: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (key, value) in records {
+            match value {
+                Some(v) => latest.insert(key, v),
+                None => latest.remove(&key),
+            };
+        }
+        let mut e = PartitionEngine::new(partition, config);
+        for (key, value) in latest {
+            match changelog::decode(&key, &value)? {
+                Record::Meta(m) => {
+                    e.clock = m.clock;
+                    e.next_seq = m.next_seq;
+                    e.counters = m.counters;
+                    e.last_meta = Some(value);
+                }
+                Record::Segment(name, record) => {
+                    e.segments.entry(name).or_default().record = record;
+                }
+                Record::Request(r) => {
+                    if let Err(err) = check_request(&r.request, e.config.dimension) {
+                        return Err(RestoreError::Invalid {
+                            key,
+                            reason: err.to_string(),
+                        });
+                    }
+                    let id = r.request.request_id.clone();
+                    e.segments
+                        .entry(r.request.segment.clone())
+                        .or_default()
+                        .windows
+                        .entry(r.window)
+                        .or_default()
+                        .insert(r.seq, id.clone());
+                    e.requests.insert(
+                        id,
+                        Pending {
+                            request: r.request,
+                            seq: r.seq,
+                            window: r.window,
+                            windows: r.windows,
+                        },
+                    );
+                    e.persisted.insert(key);
+                }
+                Record::Cooldown(pair, until) => {
+                    e.cooldowns.insert(pair, until);
+                    e.persisted.insert(key);
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Takes one request (records arrive in offset order; `now` is the wall
+    /// clock in ms). Returns the result when it is settled at once (too
+    /// late); otherwise it waits for its window. A refused request changes
+    /// nothing: the caller dead-letters it (and calls `record_dead_letter`).
+    pub fn ingest(
+        &mut self,
+        req: MatchRequest,
+        now: i64,
+    ) -> Result<Option<MatchResult>, IngestError> {
+        check_request(&req, self.config.dimension)?;
+        if self.requests.contains_key(&req.request_id) {
+            return Err(IngestError::Duplicate(req.request_id));
+        }
+        let cfg = &self.config;
+        self.clock
+            .observe(req.event_time, now, cfg.out_of_order_millis);
+        self.counters.requests += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+
+        let own = window_start(req.event_time, cfg.window_millis);
+        let closed_until = self
+            .segments
+            .get(&req.segment)
+            .and_then(|s| s.record.closed_until);
+        let window = match closed_until {
+            Some(c) if own < c => {
+                let wm = self.clock.watermark.unwrap_or(req.event_time);
+                if wm.saturating_sub(req.event_time) > cfg.allowed_lateness_millis {
+                    self.counters.expired += 1;
+                    return Ok(Some(self.expired(&req, 0, ExpiryReason::TooLate, now)));
+                }
+                c
+            }
+            _ => own,
+        };
+        let id = req.request_id.clone();
+        // A new segment needs no record yet: restore derives its windows
+        // from the requests, and an empty record is the default.
+        self.segments
+            .entry(req.segment.clone())
+            .or_default()
+            .windows
+            .entry(window)
+            .or_default()
+            .insert(seq, id.clone());
+        self.requests.insert(
+            id.clone(),
+            Pending {
+                request: req,
+                seq,
+                window,
+                windows: 0,
+            },
+        );
+        self.dirty.insert(Dirty::Request(id));
+        Ok(None)
+    }
+
+    /// Counts a record the caller sent to the dead-letter topic.
+    pub fn record_dead_letter(&mut self) {
+        self.counters.dead_lettered += 1;
+    }
+
+    /// Feeds a reward in [0, 1] for `scorer` in `segment` to the bandit.
+    /// False (and nothing recorded) for a scorer not configured or a NaN.
+    pub fn record_reward(&mut self, segment: &str, scorer: &str, reward: f64) -> bool {
+        if !self.config.scorers.iter().any(|s| s.name == scorer) || reward.is_nan() {
+            return false;
+        }
+        let seg = self.segments.entry(segment.to_string()).or_default();
+        seg.record
+            .arms
+            .entry(scorer.to_string())
+            .or_default()
+            .reward(reward);
+        self.dirty.insert(Dirty::Segment(segment.to_string()));
+        true
+    }
+
+    /// The windows that `close(now)` will close, oldest first, with the
+    /// scorer the bandit chose for each (the choice is kept for `close`).
+    /// Windows that only come into being during `close` (leftovers carried
+    /// into a window that is itself due) are not listed: if their scorer is
+    /// HTTP they fall back to a builtin one.
+    pub fn due(&mut self, now: i64) -> Vec<DueWindow> {
+        let Some(wm) = self.apply_idle(now) else {
+            return Vec::new();
+        };
+        let w = self.config.window_millis;
+        let mut due: Vec<(i64, String)> = Vec::new();
+        for (name, seg) in &self.segments {
+            for &start in seg.windows.keys() {
+                if start + w > wm {
+                    break;
+                }
+                due.push((start, name.clone()));
+            }
+        }
+        due.sort();
+        due.into_iter()
+            .map(|(start, segment)| {
+                let (participants, _) = self.participants(&segment, start);
+                let ids: Vec<String> = participants
+                    .iter()
+                    .map(|p| p.request.request_id.clone())
+                    .collect();
+                let vectors: Vec<Vec<f32>> = participants
+                    .iter()
+                    .map(|p| p.request.vector.clone())
+                    .collect();
+                let scorer = self.choose_scorer(&segment, start);
+                let http = match &self.config.scorers[scorer].kind {
+                    ScorerKind::Http {
+                        url,
+                        timeout_millis,
+                    } => Some(HttpScoring {
+                        url: url.clone(),
+                        timeout_millis: *timeout_millis,
+                        request_ids: ids.clone(),
+                        vectors,
+                    }),
+                    ScorerKind::Builtin(_) => None,
+                };
+                DueWindow {
+                    id: WindowId {
+                        digest: window_digest(&ids),
+                        segment,
+                        start,
+                    },
+                    end: start + w,
+                    scorer: self.config.scorers[scorer].name.clone(),
+                    http,
+                }
+            })
+            .collect()
+    }
+
+    /// Closes every window due at `now` (oldest first; a window made due by
+    /// leftovers carried into it closes in the same call) and returns the
+    /// results. `external` holds HTTP scorers' answers by the ids `due` gave;
+    /// a window whose answer is missing or does not fit is scored by the
+    /// first builtin scorer (or cosine), and its results name that scorer.
+    pub fn close(&mut self, now: i64, external: &HashMap<WindowId, Vec<f32>>) -> Vec<MatchResult> {
+        let Some(wm) = self.apply_idle(now) else {
+            return Vec::new();
+        };
+        let w = self.config.window_millis;
+        let first_due = |seg: &Segment| seg.windows.keys().next().copied().filter(|&s| s + w <= wm);
+        let mut queue: BTreeSet<(i64, String)> = self
+            .segments
+            .iter()
+            .filter_map(|(name, seg)| first_due(seg).map(|s| (s, name.clone())))
+            .collect();
+        let mut results = Vec::new();
+        while let Some((start, segment)) = queue.pop_first() {
+            self.close_window(&segment, start, now, external, &mut results);
+            if let Some(next) = self.segments.get(&segment).and_then(first_due) {
+                queue.insert((next, segment));
+            }
+        }
+        for pair in self.cooldowns.expire(wm) {
+            self.dirty.insert(Dirty::Cooldown(pair));
+        }
+        results
+    }
+
+    /// The changelog delta since the last call, one entry per key, in key
+    /// order: upserts of what changed and still exists, tombstones of what
+    /// was written before and is gone.
+    pub fn take_changes(&mut self) -> Vec<(String, Option<Vec<u8>>)> {
+        let mut out = Vec::new();
+        for d in std::mem::take(&mut self.dirty) {
+            match d {
+                Dirty::Segment(name) => {
+                    if let Some(seg) = self.segments.get(&name) {
+                        out.push((segment_key(&name), Some(encode(&seg.record))));
+                    }
+                }
+                Dirty::Request(id) => {
+                    let key = request_key(&id);
+                    let value = self.requests.get(&id).map(|p| encode(&p.record()));
+                    self.push_change(&mut out, key, value);
+                }
+                Dirty::Cooldown(pair) => {
+                    let key = cooldown_key(&pair);
+                    let value = self.cooldowns.until(&pair).map(|until| {
+                        encode(&changelog::CooldownRecord {
+                            users: [pair.0.clone(), pair.1.clone()],
+                            until,
+                        })
+                    });
+                    self.push_change(&mut out, key, value);
+                }
+            }
+        }
+        let meta = encode(&MetaRecord {
+            clock: self.clock.clone(),
+            next_seq: self.next_seq,
+            counters: self.counters.clone(),
+        });
+        if self.last_meta.as_ref() != Some(&meta) {
+            self.last_meta = Some(meta.clone());
+            out.push((META_KEY.to_string(), Some(meta)));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        self.counters.to_map()
+    }
+
+    pub fn watermark(&self) -> Option<i64> {
+        self.clock.watermark
+    }
+
+    /// Requests ingested and not settled yet.
+    pub fn pending(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Cooldown entries held.
+    pub fn cooldowns(&self) -> usize {
+        self.cooldowns.len()
+    }
+
+    fn push_change(
+        &mut self,
+        out: &mut Vec<(String, Option<Vec<u8>>)>,
+        key: String,
+        value: Option<Vec<u8>>,
+    ) {
+        match value {
+            Some(v) => {
+                self.persisted.insert(key.clone());
+                out.push((key, Some(v)));
+            }
+            None => {
+                if self.persisted.remove(&key) {
+                    out.push((key, None));
+                }
+            }
+        }
+    }
+
+    fn apply_idle(&mut self, now: i64) -> Option<i64> {
+        let c = &self.config;
+        self.clock
+            .apply_idle(now, c.idle_millis, c.out_of_order_millis);
+        self.clock.watermark
+    }
+
+    /// The requests of a window that take part (one per user: the one that
+    /// waited most windows, then the earliest), in ingest order, and the
+    /// ones held back for a later window.
+    fn participants(&self, segment: &str, start: i64) -> (Vec<&Pending>, Vec<&Pending>) {
+        let members = self
+            .segments
+            .get(segment)
+            .and_then(|s| s.windows.get(&start))
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|id| self.requests.get(id));
+        let mut best: HashMap<&str, &Pending> = HashMap::new();
+        let mut all = Vec::new();
+        for p in members {
+            all.push(p);
+            let b = best.entry(p.request.user.as_str()).or_insert(p);
+            if p.windows > b.windows {
+                *b = p;
+            }
+        }
+        all.into_iter().partition(|p| {
+            best.get(p.request.user.as_str())
+                .is_some_and(|b| b.seq == p.seq)
+        })
+    }
+
+    /// The scorer for a window: the one already chosen for it, else a fresh
+    /// Thompson draw, remembered until the window closes.
+    fn choose_scorer(&mut self, segment: &str, start: i64) -> usize {
+        let scorers = &self.config.scorers;
+        if scorers.len() == 1 {
+            return 0;
+        }
+        let seg = self.segments.entry(segment.to_string()).or_default();
+        if let Some(i) = seg
+            .record
+            .chosen
+            .get(&start)
+            .and_then(|name| scorers.iter().position(|s| s.name == *name))
+        {
+            return i;
+        }
+        let arms: Vec<ArmStats> = scorers
+            .iter()
+            .map(|s| seg.record.arms.get(&s.name).cloned().unwrap_or_default())
+            .collect();
+        let i = bandit::choose(&arms, bandit::seed(self.partition, segment, start));
+        seg.record.chosen.insert(start, scorers[i].name.clone());
+        self.dirty.insert(Dirty::Segment(segment.to_string()));
+        i
+    }
+
+    fn close_window(
+        &mut self,
+        segment: &str,
+        start: i64,
+        now: i64,
+        external: &HashMap<WindowId, Vec<f32>>,
+        results: &mut Vec<MatchResult>,
+    ) {
+        let end = start + self.config.window_millis;
+        let (participants, held_back) = self.participants(segment, start);
+        let ids: Vec<String> = participants
+            .iter()
+            .map(|p| p.request.request_id.clone())
+            .collect();
+        let held_back: Vec<String> = held_back
+            .iter()
+            .map(|p| p.request.request_id.clone())
+            .collect();
+        let scorer = self.choose_scorer(segment, start);
+
+        let pairs = {
+            let reqs: Vec<&MatchRequest> = ids
+                .iter()
+                .filter_map(|id| self.requests.get(id))
+                .map(|p| &p.request)
+                .collect();
+            self.score_and_match(segment, start, &ids, &reqs, scorer, external)
+        };
+        let (scorer_name, pairs) = pairs;
+
+        let mut matched = vec![false; ids.len()];
+        for pair in &pairs {
+            matched[pair.i as usize] = true;
+            matched[pair.j as usize] = true;
+            let (Some(a), Some(b)) = (
+                self.settle(&ids[pair.i as usize]),
+                self.settle(&ids[pair.j as usize]),
+            ) else {
+                continue;
+            };
+            let until = end.saturating_add(self.config.cooldown_millis);
+            let users = UserPair::new(&a.request.user, &b.request.user);
+            self.cooldowns.insert(users.clone(), until);
+            self.dirty.insert(Dirty::Cooldown(users));
+            self.counters.matched += 1;
+            results.push(self.matched(segment, start, end, &scorer_name, pair.score, &a, &b, now));
+        }
+
+        let leftovers = ids
+            .iter()
+            .zip(&matched)
+            .filter(|(_, &m)| !m)
+            .map(|(id, _)| id)
+            .chain(&held_back);
+        let mut carried = Vec::new();
+        for id in leftovers {
+            let max_wait = self.config.max_wait_windows;
+            let Some(p) = self.requests.get_mut(id) else {
+                continue;
+            };
+            p.windows += 1;
+            if p.windows < max_wait {
+                p.window = end;
+                carried.push((p.seq, id.clone()));
+                self.dirty.insert(Dirty::Request(id.clone()));
+            } else if let Some(p) = self.settle(id) {
+                self.counters.expired += 1;
+                results.push(self.expired(&p.request, p.windows, ExpiryReason::NoPartner, now));
+            }
+        }
+
+        let seg = self.segments.entry(segment.to_string()).or_default();
+        seg.windows.remove(&start);
+        if !carried.is_empty() {
+            seg.windows.entry(end).or_default().extend(carried);
+        }
+        seg.record.chosen.remove(&start);
+        seg.record.closed_until = Some(seg.record.closed_until.map_or(end, |c| c.max(end)));
+        self.dirty.insert(Dirty::Segment(segment.to_string()));
+    }
+
+    /// Scores the window with its scorer and matches it; returns the name of
+    /// the scorer actually used.
+    fn score_and_match(
+        &self,
+        segment: &str,
+        start: i64,
+        ids: &[String],
+        reqs: &[&MatchRequest],
+        scorer: usize,
+        external: &HashMap<WindowId, Vec<f32>>,
+    ) -> (String, Vec<Pair>) {
+        let n = reqs.len();
+        let spec = &self.config.scorers[scorer];
+        let builtin = |b: BuiltinScorer| -> Option<Scores<'static>> {
+            let mut data = Vec::with_capacity(n * self.config.dimension);
+            for r in reqs {
+                data.extend_from_slice(&r.vector);
+            }
+            FeatureMatrix::from_vec(data, self.config.dimension)
+                .ok()
+                .map(|m| Scores::builtin(m, b))
+        };
+        let (name, scores) = match &spec.kind {
+            ScorerKind::Builtin(b) => (spec.name.clone(), builtin(*b)),
+            ScorerKind::Http { .. } => {
+                let id = WindowId {
+                    segment: segment.to_string(),
+                    start,
+                    digest: window_digest(ids),
+                };
+                match external.get(&id).and_then(|s| Scores::external(n, s)) {
+                    Some(s) => (spec.name.clone(), Some(s)),
+                    None => {
+                        let (name, b) = self.config.fallback_scorer();
+                        (name, builtin(b))
+                    }
+                }
+            }
+        };
+        // Vectors were validated on ingest and restore, so `scores` is set;
+        // if not, nobody is matched rather than anyone on garbage.
+        let Some(scores) = scores else {
+            return (name, Vec::new());
+        };
+        let pairs = WindowPairs {
+            filter: WindowFilter::new(reqs, &self.cooldowns, start),
+            scores,
+            len: n,
+        };
+        let params = MatchParams {
+            min_score: self.config.min_score,
+            exact_below: self.config.exact_below,
+            top_k: self.config.top_k,
+        };
+        (name, match_window(&pairs, &params))
+    }
+
+    /// Removes a settled request from the state.
+    fn settle(&mut self, id: &str) -> Option<Pending> {
+        let p = self.requests.remove(id)?;
+        if let Some(seg) = self.segments.get_mut(&p.request.segment) {
+            if let Some(w) = seg.windows.get_mut(&p.window) {
+                w.remove(&p.seq);
+                if w.is_empty() {
+                    seg.windows.remove(&p.window);
+                }
+            }
+        }
+        self.dirty.insert(Dirty::Request(id.to_string()));
+        Some(p)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matched(
+        &self,
+        segment: &str,
+        start: i64,
+        end: i64,
+        scorer: &str,
+        score: f32,
+        a: &Pending,
+        b: &Pending,
+        now: i64,
+    ) -> MatchResult {
+        let side = |p: &Pending| MatchedUser {
+            request_id: p.request.request_id.clone(),
+            user: p.request.user.clone(),
+            event_time: p.request.event_time,
+        };
+        let mut users = [side(a), side(b)];
+        users.sort_by(|x, y| (&x.user, &x.request_id).cmp(&(&y.user, &y.request_id)));
+        MatchResult::Matched {
+            match_id: digest::match_id(
+                segment,
+                start,
+                &a.request.request_id,
+                &b.request.request_id,
+            ),
+            segment: segment.to_string(),
+            window_start: start,
+            window_end: end,
+            partition: self.partition,
+            scorer: scorer.to_string(),
+            score,
+            users,
+            closed_at: now,
+        }
+    }
+
+    fn expired(
+        &self,
+        r: &MatchRequest,
+        windows: u32,
+        reason: ExpiryReason,
+        now: i64,
+    ) -> MatchResult {
+        MatchResult::Expired {
+            request_id: r.request_id.clone(),
+            user: r.user.clone(),
+            segment: r.segment.clone(),
+            partition: self.partition,
+            event_time: r.event_time,
+            windows,
+            reason,
+            closed_at: now,
+        }
+    }
+}
+
+/// What the engine requires of a request beyond the wire format's rules.
+fn check_request(r: &MatchRequest, dimension: usize) -> Result<(), IngestError> {
+    r.validate(dimension)?;
+    if r.event_time.abs() > MAX_ABS_EVENT_TIME {
+        return Err(IngestError::EventTimeOutOfRange(r.event_time));
+    }
+    Ok(())
+}
+
+/// Hash of a window's request ids in order.
+fn window_digest(ids: &[String]) -> u64 {
+    ids.iter().fold(Digest::new(), |d, id| d.str(id)).finish64()
+}

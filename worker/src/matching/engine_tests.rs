@@ -1,0 +1,864 @@
+//! Tests of [`PartitionEngine`]: the semantics case by case, then two
+//! properties over random operation sequences — restoring from the
+//! changelog at any point changes nothing, and every request is settled
+//! exactly once within the rules.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use matchfleet_api::match_pipeline::{
+    BuiltinScorer, FeatureSpec, HttpScorerSpec, MatchSettings, MatchingSpec, ScorerSpec, WindowSpec,
+};
+use matchfleet_api::matching::{
+    mutually_acceptable, ExpiryReason, MatchRequest, MatchResult, Preferences, Profile,
+};
+use proptest::prelude::*;
+
+use super::cooldown::UserPair;
+use super::*;
+
+fn builtin(name: &str, b: BuiltinScorer) -> ScorerSpec {
+    ScorerSpec {
+        name: name.into(),
+        builtin: Some(b),
+        http: None,
+    }
+}
+
+fn http(name: &str) -> ScorerSpec {
+    ScorerSpec {
+        name: name.into(),
+        builtin: None,
+        http: Some(HttpScorerSpec {
+            url: "http://scorer:8080/score".into(),
+            timeout_millis: 50,
+        }),
+    }
+}
+
+fn settings() -> MatchSettings {
+    MatchSettings {
+        features: FeatureSpec { dimension: 2 },
+        window: WindowSpec {
+            size_millis: 1000,
+            out_of_order_millis: 200,
+            allowed_lateness_millis: 1500,
+            idle_millis: 1000,
+        },
+        matching: MatchingSpec {
+            max_wait_windows: 3,
+            rematch_cooldown_seconds: 10,
+            exact_below: 8,
+            min_score: -1.0,
+        },
+        scorers: vec![builtin("cosine", BuiltinScorer::Cosine)],
+        feedback: None,
+    }
+}
+
+fn engine(s: &MatchSettings) -> PartitionEngine {
+    PartitionEngine::new(7, EngineConfig::from_settings(s).unwrap())
+}
+
+/// A request accepting anyone 18–99 of the other gender (`f` ↔ `m`).
+fn req(id: &str, user: &str, t: i64, gender: &str, vector: [f32; 2]) -> MatchRequest {
+    let other = if gender == "f" { "m" } else { "f" };
+    MatchRequest {
+        request_id: id.into(),
+        user: user.into(),
+        segment: "s".into(),
+        event_time: t,
+        vector: vector.to_vec(),
+        profile: Profile {
+            gender: gender.into(),
+            age: 30,
+        },
+        wants: Preferences {
+            genders: vec![other.into()],
+            min_age: 18,
+            max_age: 99,
+        },
+    }
+}
+
+fn none() -> HashMap<WindowId, Vec<f32>> {
+    HashMap::new()
+}
+
+fn ingest(e: &mut PartitionEngine, r: MatchRequest, now: i64) -> Option<MatchResult> {
+    e.ingest(r, now).expect("a valid request")
+}
+
+fn matched_ids(results: &[MatchResult]) -> Vec<(String, String)> {
+    results
+        .iter()
+        .filter_map(|r| match r {
+            MatchResult::Matched { users, .. } => {
+                Some((users[0].request_id.clone(), users[1].request_id.clone()))
+            }
+            MatchResult::Expired { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_window_closes_when_the_watermark_passes_its_end() {
+    let mut e = engine(&settings());
+    assert!(ingest(&mut e, req("r1", "bob", 100, "m", [1.0, 0.0]), 0).is_none());
+    assert!(ingest(&mut e, req("r2", "ann", 900, "f", [1.0, 1.0]), 0).is_none());
+    assert!(ingest(&mut e, req("r3", "cat", 1150, "f", [0.0, 1.0]), 0).is_none());
+    assert_eq!(e.watermark(), Some(950));
+    assert!(e.due(10).is_empty());
+    assert!(e.close(10, &none()).is_empty());
+
+    ingest(&mut e, req("r4", "dan", 1200, "m", [0.0, 1.0]), 20);
+    assert_eq!(e.watermark(), Some(1000));
+    let due = e.due(20);
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        (due[0].id.start, due[0].end, due[0].scorer.as_str()),
+        (0, 1000, "cosine")
+    );
+    assert!(due[0].http.is_none());
+
+    let results = e.close(20, &none());
+    assert_eq!(results.len(), 1, "{results:?}");
+    let MatchResult::Matched {
+        match_id,
+        segment,
+        window_start,
+        window_end,
+        partition,
+        scorer,
+        score,
+        users,
+        closed_at,
+    } = &results[0]
+    else {
+        panic!("{results:?}");
+    };
+    assert_eq!(match_id.len(), 32);
+    assert_eq!(
+        (
+            segment.as_str(),
+            *window_start,
+            *window_end,
+            *partition,
+            scorer.as_str(),
+            *closed_at
+        ),
+        ("s", 0, 1000, 7, "cosine", 20)
+    );
+    assert!(
+        (score - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6,
+        "{score}"
+    );
+    assert_eq!(
+        (users[0].user.as_str(), users[1].user.as_str()),
+        ("ann", "bob"),
+        "sorted by user"
+    );
+    assert_eq!(users[1].event_time, 100);
+    assert_eq!(e.pending(), 2, "r3 and r4 wait in window [1000, 2000)");
+    let counters = e.counters();
+    assert_eq!(
+        (
+            counters["requests"],
+            counters["matched"],
+            counters["expired"]
+        ),
+        (4, 1, 0)
+    );
+}
+
+#[test]
+fn the_idle_rule_closes_the_last_windows() {
+    let mut e = engine(&settings());
+    ingest(&mut e, req("r1", "bob", 100, "m", [1.0, 0.0]), 5000);
+    ingest(&mut e, req("r2", "ann", 200, "f", [1.0, 0.0]), 5000);
+    assert!(
+        e.close(5999, &none()).is_empty(),
+        "not idle for 1000 ms yet"
+    );
+    // Idle: watermark = now - 1000 - 200, and at 2200 it would reach 1000;
+    // at 5999 it is already far past, but the idle time is what counts.
+    let results = e.close(6000, &none());
+    assert_eq!(matched_ids(&results), vec![("r2".into(), "r1".into())]);
+    assert_eq!(e.watermark(), Some(4800));
+}
+
+#[test]
+fn late_requests_join_the_next_open_window_or_expire() {
+    let mut e = engine(&settings());
+    ingest(&mut e, req("r1", "bob", 100, "m", [1.0, 0.0]), 0);
+    ingest(&mut e, req("r2", "ann", 2300, "f", [1.0, 0.0]), 0);
+    // Watermark 2100: window [0, 1000) closes, r1 carried to [1000, 2000),
+    // which is due too and closes in the same call: r1 has waited 2.
+    assert!(e.close(0, &none()).is_empty());
+    assert_eq!(e.pending(), 2);
+
+    // t = 700: window [0, 1000) is closed, 1400 late (allowed 1500): joins
+    // the earliest open window [2000, 3000) with r1 and r2.
+    assert!(ingest(&mut e, req("r3", "cat", 700, "f", [1.0, 0.0]), 0).is_none());
+    // t = 500: 1600 late: expired at once.
+    let late = ingest(&mut e, req("r4", "dan", 500, "m", [1.0, 0.0]), 0);
+    assert_eq!(
+        late,
+        Some(MatchResult::Expired {
+            request_id: "r4".into(),
+            user: "dan".into(),
+            segment: "s".into(),
+            partition: 7,
+            event_time: 500,
+            windows: 0,
+            reason: ExpiryReason::TooLate,
+            closed_at: 0,
+        })
+    );
+    let results = e.close(10_000, &none());
+    // r1 (waited most) meets r2 or r3; both f, same vector: the tie goes to the
+    // lower window index, r2 (ingested first). r3 carries on alone and expires.
+    assert_eq!(matched_ids(&results)[0], ("r2".into(), "r1".into()));
+    assert!(results.iter().any(|r| matches!(r,
+        MatchResult::Expired { request_id, reason: ExpiryReason::NoPartner, windows: 3, .. } if request_id == "r3")));
+    assert_eq!(e.pending(), 0);
+    assert_eq!(e.counters()["expired"], 2);
+}
+
+#[test]
+fn leftovers_carry_over_and_expire_after_max_wait_windows() {
+    let mut e = engine(&settings());
+    ingest(&mut e, req("r1", "bob", 100, "m", [1.0, 0.0]), 0);
+    ingest(&mut e, req("r2", "joe", 150, "m", [1.0, 0.0]), 0);
+    ingest(&mut e, req("r3", "ann", 1100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("r4", "max", 2500, "m", [1.0, 0.0]), 0);
+    // Watermark 2300: window 0 has two men (no pair): both carried into
+    // [1000, 2000) where ann takes one of them (a tie: the DP keeps the
+    // lowest index unmatched); the other carries on.
+    let results = e.close(0, &none());
+    assert_eq!(matched_ids(&results), vec![("r3".into(), "r2".into())]);
+    assert_eq!(e.pending(), 2);
+    // Idle far ahead: r1 (2 windows) expires after its third, r4 after 3.
+    let results = e.close(100_000, &none());
+    let expired: BTreeMap<String, u32> = results
+        .iter()
+        .filter_map(|r| match r {
+            MatchResult::Expired {
+                request_id,
+                windows,
+                reason: ExpiryReason::NoPartner,
+                ..
+            } => Some((request_id.clone(), *windows)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        expired,
+        BTreeMap::from([("r1".into(), 3), ("r4".into(), 3)])
+    );
+}
+
+#[test]
+fn a_user_takes_part_once_per_window() {
+    let mut e = engine(&settings());
+    ingest(&mut e, req("u1", "ann", 100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("u2", "ann", 200, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("p1", "bob", 300, "m", [1.0, 0.0]), 0);
+    ingest(&mut e, req("p2", "joe", 400, "m", [0.0, 1.0]), 0);
+    ingest(&mut e, req("x", "zed", 1300, "m", [0.0, 1.0]), 0);
+    let results = e.close(0, &none());
+    // Window 0: ann's first request takes part and gets bob; u2 is held back.
+    assert_eq!(matched_ids(&results), vec![("u1".into(), "p1".into())]);
+    // Window [1000, 2000): u2 (held back) with joe (left over) and zed.
+    let results = e.close(100_000, &none());
+    let pairs = matched_ids(&results);
+    assert_eq!(pairs.len(), 1);
+    assert_eq!(pairs[0].0, "u2");
+    let expired: Vec<_> = results
+        .iter()
+        .filter_map(|r| match r {
+            MatchResult::Expired {
+                request_id,
+                windows,
+                ..
+            } => Some((request_id.as_str(), *windows)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(expired.len(), 1, "{results:?}");
+}
+
+#[test]
+fn cooldown_blocks_a_rematch_until_it_ends() {
+    let mut s = settings();
+    s.matching.rematch_cooldown_seconds = 3;
+    s.matching.max_wait_windows = 1;
+    let mut e = engine(&s);
+    ingest(&mut e, req("a1", "ann", 100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("b1", "bob", 100, "m", [1.0, 0.0]), 0);
+    ingest(&mut e, req("a2", "ann", 1100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("b2", "bob", 1100, "m", [1.0, 0.0]), 0);
+    ingest(&mut e, req("z", "zed", 2300, "m", [1.0, 0.0]), 0);
+    let results = e.close(0, &none());
+    // Window 0 matches ann and bob until 1000 + 3000 = 4000: in window
+    // [1000, 2000) they may not meet again and both expire.
+    assert_eq!(matched_ids(&results), vec![("a1".into(), "b1".into())]);
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert_eq!(e.cooldowns(), 1);
+    // From window [4000, 5000) on they may.
+    ingest(&mut e, req("a3", "ann", 3100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("b3", "bob", 3200, "m", [1.0, 0.0]), 0);
+    ingest(&mut e, req("a4", "ann", 4100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("b4", "bob", 4200, "m", [1.0, 0.0]), 0);
+    let results = e.close(100_000, &none());
+    assert_eq!(
+        matched_ids(&results),
+        vec![("a4".into(), "b4".into())],
+        "{results:?}"
+    );
+    // The first cooldown ended (≤ watermark) and was dropped; the new one
+    // (5000 + 3000) is far below the idle watermark too.
+    assert_eq!(e.cooldowns(), 0);
+}
+
+#[test]
+fn min_score_and_preferences_are_respected() {
+    let mut s = settings();
+    s.matching.min_score = 0.5;
+    let mut e = engine(&s);
+    ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("b", "bob", 100, "m", [0.0, 1.0]), 0); // cosine 0 with ann
+    let mut c = req("c", "cat", 100, "f", [0.0, 1.0]);
+    c.profile.age = 17; // bob wants 18+
+    ingest(&mut e, c, 0);
+    ingest(&mut e, req("d", "dan", 100, "m", [1.0, 0.1]), 0);
+    let results = e.close(100_000, &none());
+    assert_eq!(matched_ids(&results), vec![("a".into(), "d".into())]);
+}
+
+#[test]
+fn http_scores_are_used_when_they_fit_the_window() {
+    let mut s = settings();
+    s.scorers = vec![
+        http("remote"),
+        builtin("opposites", BuiltinScorer::Complement),
+    ];
+    let setup = || {
+        let mut e = engine(&s);
+        // Make sure the bandit picks the HTTP arm: it alone was rewarded.
+        for _ in 0..200 {
+            e.record_reward("s", "remote", 1.0);
+            e.record_reward("s", "opposites", 0.0);
+        }
+        ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);
+        ingest(&mut e, req("b", "bob", 100, "m", [1.0, 0.0]), 0);
+        ingest(&mut e, req("c", "cat", 100, "f", [0.0, 1.0]), 0);
+        e
+    };
+    let mut e = setup();
+    let due = e.due(100_000);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].scorer, "remote");
+    let h = due[0].http.clone().expect("an HTTP window");
+    assert_eq!(h.request_ids, vec!["a", "b", "c"]);
+    assert_eq!(h.vectors[2], vec![0.0, 1.0]);
+    assert_eq!(
+        (h.url.as_str(), h.timeout_millis),
+        ("http://scorer:8080/score", 50)
+    );
+    // The HTTP scorer prefers cat with bob (0.9) over ann with bob (0.1).
+    let answer = vec![0.0, 0.1, 0.0, 0.1, 0.0, 0.9, 0.0, 0.9, 0.0];
+    let external = HashMap::from([(due[0].id.clone(), answer.clone())]);
+    let results = e.close(100_000, &external);
+    assert_eq!(matched_ids(&results), vec![("b".into(), "c".into())]);
+    assert!(
+        matches!(&results[0], MatchResult::Matched { scorer, score, .. } if scorer == "remote" && (*score - 0.9).abs() < 1e-6)
+    );
+
+    // Missing, mis-sized or stale answers fall back to the first builtin
+    // scorer, named in the result: complement pairs bob with cat (-0 > -1).
+    for external in [
+        HashMap::new(),
+        HashMap::from([(due[0].id.clone(), vec![0.5; 4])]),
+        HashMap::from([(
+            WindowId {
+                digest: due[0].id.digest ^ 1,
+                ..due[0].id.clone()
+            },
+            answer.clone(),
+        )]),
+    ] {
+        let mut e = setup();
+        let results = e.close(100_000, &external);
+        assert_eq!(matched_ids(&results), vec![("b".into(), "c".into())]);
+        assert!(
+            matches!(&results[0], MatchResult::Matched { scorer, .. } if scorer == "opposites")
+        );
+    }
+}
+
+#[test]
+fn the_bandit_prefers_the_rewarded_scorer_and_chooses_deterministically() {
+    let mut s = settings();
+    s.scorers = vec![
+        builtin("cosine", BuiltinScorer::Cosine),
+        builtin("opposites", BuiltinScorer::Complement),
+    ];
+    let run = |partition: i32, rewards: bool| {
+        let mut e = PartitionEngine::new(partition, EngineConfig::from_settings(&s).unwrap());
+        if rewards {
+            for _ in 0..50 {
+                assert!(e.record_reward("s", "opposites", 0.9));
+                assert!(e.record_reward("s", "cosine", 0.1));
+            }
+        }
+        assert!(!e.record_reward("s", "nope", 1.0));
+        assert!(!e.record_reward("s", "cosine", f64::NAN));
+        let mut chosen = Vec::new();
+        for w in 0..200i64 {
+            ingest(
+                &mut e,
+                req(&format!("r{w}"), "u", w * 1000 + 1, "f", [1.0, 0.0]),
+                0,
+            );
+        }
+        for d in e.due(1_000_000) {
+            chosen.push(d.scorer);
+        }
+        chosen
+    };
+    let a = run(1, true);
+    assert_eq!(a.len(), 200);
+    assert_eq!(a, run(1, true), "same state, same windows: same arms");
+    let good = a.iter().filter(|s| *s == "opposites").count();
+    assert!(good > 190, "rewarded arm chosen {good} of 200");
+    let uninformed = run(1, false);
+    let explored = uninformed.iter().filter(|s| *s == "opposites").count();
+    assert!(
+        (60..140).contains(&explored),
+        "no evidence: both explored, {explored}"
+    );
+    assert_ne!(
+        uninformed,
+        run(2, false),
+        "another partition draws differently"
+    );
+}
+
+#[test]
+fn refused_requests_change_nothing() {
+    let mut e = engine(&settings());
+    let mut bad = req("r1", "bob", 100, "m", [1.0, 0.0]);
+    bad.vector.push(1.0);
+    assert!(matches!(e.ingest(bad, 0), Err(IngestError::Invalid(_))));
+    let far = req("r1", "bob", i64::MAX, "m", [1.0, 0.0]);
+    assert_eq!(
+        e.ingest(far, 0),
+        Err(IngestError::EventTimeOutOfRange(i64::MAX))
+    );
+    ingest(&mut e, req("r1", "bob", 100, "m", [1.0, 0.0]), 0);
+    assert_eq!(
+        e.ingest(req("r1", "bob", 100, "m", [1.0, 0.0]), 0),
+        Err(IngestError::Duplicate("r1".into()))
+    );
+    e.record_dead_letter();
+    let c = e.counters();
+    assert_eq!((c["requests"], c["deadLettered"]), (1, 1));
+    assert_eq!(e.pending(), 1);
+}
+
+#[test]
+fn requests_settled_between_two_deltas_never_reach_the_changelog() {
+    let mut e = engine(&settings());
+    ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("b", "bob", 100, "m", [1.0, 0.2]), 0);
+    ingest(&mut e, req("c", "cat", 100, "f", [0.0, 1.0]), 0);
+    ingest(&mut e, req("d", "dan", 1300, "f", [1.0, 0.0]), 0);
+    assert_eq!(e.close(0, &none()).len(), 1);
+    let keys: Vec<String> = e
+        .take_changes()
+        .into_iter()
+        .map(|(k, v)| {
+            assert!(v.is_some(), "{k}: nothing to tombstone yet");
+            k
+        })
+        .collect();
+    assert_eq!(keys, vec![r#"c/["ann","bob"]"#, "m", "r/c", "r/d", "s/s"]);
+    assert!(e.take_changes().is_empty(), "nothing changed since");
+
+    let results = e.close(100_000, &none());
+    assert_eq!(results.len(), 2, "c and d expire: both women");
+    let changes: BTreeMap<String, Option<Vec<u8>>> = e.take_changes().into_iter().collect();
+    assert_eq!(
+        changes[r#"c/["ann","bob"]"#], None,
+        "cooldown over: tombstoned"
+    );
+    assert_eq!(changes["r/c"], None);
+    assert_eq!(changes["r/d"], None);
+    assert!(changes["m"].is_some() && changes["s/s"].is_some());
+
+    let restored = PartitionEngine::restore(7, e.config().clone(), std::iter::empty()).unwrap();
+    assert_eq!(restored.pending(), 0);
+}
+
+#[test]
+fn restore_refuses_records_it_cannot_use() {
+    let config = EngineConfig::from_settings(&settings()).unwrap();
+    let bad = |records: Vec<(String, Option<Vec<u8>>)>| {
+        PartitionEngine::restore(0, config.clone(), records).unwrap_err()
+    };
+    assert!(matches!(
+        bad(vec![("x".into(), Some(b"{}".to_vec()))]),
+        RestoreError::UnknownKey(_)
+    ));
+    assert!(matches!(
+        bad(vec![("m".into(), Some(b"[".to_vec()))]),
+        RestoreError::Decode { .. }
+    ));
+
+    // A pending request of another dimension (the pipeline's changed).
+    let mut e = engine(&settings());
+    ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);
+    let log = e.take_changes();
+    let mut s3 = settings();
+    s3.features.dimension = 3;
+    let err = PartitionEngine::restore(0, EngineConfig::from_settings(&s3).unwrap(), log.clone())
+        .unwrap_err();
+    assert!(
+        matches!(err, RestoreError::Invalid { ref key, .. } if key == "r/a"),
+        "{err}"
+    );
+    // A tombstone later in the log wins.
+    let mut with_tombstone = log;
+    with_tombstone.push(("r/a".into(), None));
+    let e = PartitionEngine::restore(0, EngineConfig::from_settings(&s3).unwrap(), with_tombstone)
+        .unwrap();
+    assert_eq!(e.pending(), 0);
+}
+
+#[test]
+fn a_large_window_is_matched_greedily_without_losing_anyone() {
+    let mut s = settings();
+    s.features.dimension = 4;
+    s.matching.exact_below = 4;
+    let config = EngineConfig::from_settings(&s).unwrap().with_top_k(2);
+    let mut e = PartitionEngine::new(0, config);
+    let mut seen = HashSet::new();
+    for i in 0..300u32 {
+        let g = if i % 2 == 0 { "f" } else { "m" };
+        let v = [
+            (i % 7) as f32 - 3.0,
+            (i % 5) as f32,
+            (i % 3) as f32 + 0.5,
+            1.0,
+        ];
+        let mut r = req(
+            &format!("r{i}"),
+            &format!("u{}", i % 250),
+            100,
+            g,
+            [0.0, 0.0],
+        );
+        r.vector = v.to_vec();
+        ingest(&mut e, r, 0);
+        seen.insert(format!("r{i}"));
+    }
+    let results = e.close(100_000, &none());
+    let mut settled = Vec::new();
+    for r in &results {
+        settled.extend(r.request_ids().into_iter().map(String::from));
+    }
+    settled.sort();
+    let mut want: Vec<String> = seen.into_iter().collect();
+    want.sort();
+    assert_eq!(settled, want);
+    assert!(
+        matched_ids(&results).len() >= 140,
+        "{}",
+        matched_ids(&results).len()
+    );
+}
+
+// ---- properties ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Ingest {
+        user: u8,
+        segment: u8,
+        dt: i64,
+        gender: u8,
+        age: u8,
+        wants_any: bool,
+        vector: (i8, i8),
+    },
+    Due {
+        advance: i64,
+    },
+    Close {
+        advance: i64,
+        answer_http: bool,
+    },
+    Reward {
+        segment: u8,
+        scorer: u8,
+        reward: f64,
+    },
+    DeadLetter,
+    TakeChanges,
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..6, 0u8..2, -2500i64..1500, 0u8..2, 20u8..40, any::<bool>(), (-3i8..4, -3i8..4)).prop_map(
+            |(user, segment, dt, gender, age, wants_any, vector)| Op::Ingest { user, segment, dt, gender, age, wants_any, vector }
+        ),
+        2 => (0i64..1500).prop_map(|advance| Op::Due { advance }),
+        3 => (0i64..2500, any::<bool>()).prop_map(|(advance, answer_http)| Op::Close { advance, answer_http }),
+        1 => (0u8..2, 0u8..4, 0.0f64..1.0).prop_map(|(segment, scorer, reward)| Op::Reward { segment, scorer, reward }),
+        1 => Just(Op::DeadLetter),
+        2 => Just(Op::TakeChanges),
+        2 => Just(Op::Restart),
+    ]
+}
+
+fn prop_settings(exact_below: i32) -> MatchSettings {
+    let mut s = settings();
+    s.matching.exact_below = exact_below;
+    s.matching.rematch_cooldown_seconds = 2;
+    s.matching.min_score = -0.5;
+    s.scorers = vec![
+        builtin("cosine", BuiltinScorer::Cosine),
+        builtin("opposites", BuiltinScorer::Complement),
+        http("remote"),
+    ];
+    s
+}
+
+fn prop_request(i: usize, op: &Op, now: i64) -> Option<MatchRequest> {
+    let Op::Ingest {
+        user,
+        segment,
+        dt,
+        gender,
+        age,
+        wants_any,
+        vector,
+    } = *op
+    else {
+        return None;
+    };
+    let g = ["f", "m"][usize::from(gender)];
+    let mut r = req(
+        &format!("r{i}"),
+        &format!("u{user}"),
+        now + dt,
+        g,
+        [f32::from(vector.0), f32::from(vector.1)],
+    );
+    r.segment = format!("s{segment}");
+    r.profile.age = age;
+    r.wants.min_age = age.saturating_sub(8);
+    r.wants.max_age = age + 8;
+    if wants_any {
+        r.wants.genders.clear();
+    }
+    Some(r)
+}
+
+/// Deterministic "HTTP" answers: a score per ordered pair from the ids.
+fn answers(due: &[DueWindow]) -> HashMap<WindowId, Vec<f32>> {
+    due.iter()
+        .filter_map(|d| d.http.as_ref().map(|h| (d, h)))
+        .map(|(d, h)| {
+            let n = h.request_ids.len();
+            let mut scores = vec![0.0; n * n];
+            for (i, a) in h.request_ids.iter().enumerate() {
+                for (j, b) in h.request_ids.iter().enumerate() {
+                    let x = a.len() * 7
+                        + b.len() * 3
+                        + a.bytes().chain(b.bytes()).map(usize::from).sum::<usize>();
+                    scores[i * n + j] = (x % 19) as f32 / 9.0 - 1.0;
+                }
+            }
+            (d.id.clone(), scores)
+        })
+        .collect()
+}
+
+/// Everything observable an operation produced.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Ingest(Result<Option<MatchResult>, IngestError>),
+    Due(Vec<DueWindow>),
+    Close(Vec<MatchResult>),
+    Reward(bool),
+    Changes(Vec<(String, Option<Vec<u8>>)>),
+    State(BTreeMap<String, u64>, Option<i64>, usize, usize),
+}
+
+/// Runs `ops` on `engine`; `log` collects its changelog; `restart` rebuilds
+/// it from the log at `Op::Restart` (else `take_changes` only).
+fn run(
+    engine: &mut PartitionEngine,
+    log: &mut Vec<(String, Option<Vec<u8>>)>,
+    ops: &[Op],
+    restart: bool,
+) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    let mut now = 10_000;
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            Op::Ingest { .. } => {
+                now += 37;
+                let r = prop_request(i, op, now).unwrap_or_else(|| unreachable!());
+                seen.push(Seen::Ingest(engine.ingest(r, now)));
+            }
+            Op::Due { advance } => {
+                now += advance;
+                seen.push(Seen::Due(engine.due(now)));
+            }
+            Op::Close {
+                advance,
+                answer_http,
+            } => {
+                now += advance;
+                let external = if *answer_http {
+                    answers(&engine.due(now))
+                } else {
+                    HashMap::new()
+                };
+                seen.push(Seen::Close(engine.close(now, &external)));
+            }
+            Op::Reward {
+                segment,
+                scorer,
+                reward,
+            } => {
+                let name = ["cosine", "opposites", "remote", "unknown"][usize::from(*scorer)];
+                seen.push(Seen::Reward(engine.record_reward(
+                    &format!("s{segment}"),
+                    name,
+                    *reward,
+                )));
+            }
+            Op::DeadLetter => engine.record_dead_letter(),
+            Op::TakeChanges | Op::Restart => {
+                let changes = engine.take_changes();
+                log.extend(changes.iter().cloned());
+                seen.push(Seen::Changes(changes));
+                if restart && matches!(op, Op::Restart) {
+                    *engine = PartitionEngine::restore(
+                        engine.partition(),
+                        engine.config().clone(),
+                        log.clone(),
+                    )
+                    .expect("the engine's own changelog restores");
+                }
+            }
+        }
+        seen.push(Seen::State(
+            engine.counters(),
+            engine.watermark(),
+            engine.pending(),
+            engine.cooldowns(),
+        ));
+    }
+    seen
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Restoring from the changelog at any point (with deltas taken at
+    /// arbitrary points before) gives an engine that behaves exactly as the
+    /// one that never stopped: same results, same choices, same deltas.
+    #[test]
+    fn a_restored_engine_behaves_like_the_original(
+        ops in prop::collection::vec(op(), 1..80),
+        exact_below in prop::sample::select(vec![0, 3, 20]),
+        top_k in 1usize..4,
+    ) {
+        let config = EngineConfig::from_settings(&prop_settings(exact_below)).unwrap().with_top_k(top_k);
+        let mut original = PartitionEngine::new(3, config.clone());
+        let mut restarted = PartitionEngine::new(3, config);
+        let want = run(&mut original, &mut Vec::new(), &ops, false);
+        let got = run(&mut restarted, &mut Vec::new(), &ops, true);
+        prop_assert_eq!(got, want);
+    }
+
+    /// Every accepted request is settled exactly once; within a window no
+    /// user appears twice; matched pairs accept each other, reach minScore,
+    /// and are not in cooldown by the spec's own rule (checked against an
+    /// independent model of the cooldown book).
+    #[test]
+    fn every_request_is_settled_once_within_the_rules(
+        ops in prop::collection::vec(op(), 1..80),
+        exact_below in prop::sample::select(vec![0, 3, 20]),
+        top_k in 1usize..4,
+    ) {
+        let s = prop_settings(exact_below);
+        let mut e = PartitionEngine::new(3, EngineConfig::from_settings(&s).unwrap().with_top_k(top_k));
+        let mut requests: HashMap<String, MatchRequest> = HashMap::new();
+        let mut settled: HashMap<String, usize> = HashMap::new();
+        let mut window_users: HashMap<(String, i64), HashSet<String>> = HashMap::new();
+        let mut book: HashMap<UserPair, i64> = HashMap::new();
+        let cooldown = i64::from(s.matching.rematch_cooldown_seconds) * 1000;
+        let mut check = |results: Vec<MatchResult>, wm: Option<i64>,
+                         requests: &HashMap<String, MatchRequest>| -> Result<(), TestCaseError> {
+            for r in &results {
+                for id in r.request_ids() {
+                    *settled.entry(id.to_string()).or_default() += 1;
+                }
+                if let MatchResult::Matched { segment, window_start, window_end, score, users, .. } = r {
+                    let (a, b) = (&requests[&users[0].request_id], &requests[&users[1].request_id]);
+                    prop_assert!(mutually_acceptable(a, b), "{:?} / {:?}", a, b);
+                    prop_assert!(f64::from(*score) >= s.matching.min_score);
+                    prop_assert_eq!(&a.segment, segment);
+                    let pair = UserPair::new(&a.user, &b.user);
+                    prop_assert!(book.get(&pair).is_none_or(|&until| until <= *window_start), "{:?} rematched in cooldown", pair);
+                    book.insert(pair, window_end + cooldown);
+                    let users_here = window_users.entry((segment.clone(), *window_start)).or_default();
+                    for u in [&a.user, &b.user] {
+                        prop_assert!(users_here.insert(u.clone()), "{} twice in window {}", u, window_start);
+                    }
+                }
+            }
+            if let Some(wm) = wm {
+                book.retain(|_, until| *until > wm);
+            }
+            Ok(())
+        };
+        let mut now = 10_000;
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::Ingest { .. } => {
+                    now += 37;
+                    let r = prop_request(i, op, now).unwrap_or_else(|| unreachable!());
+                    let id = r.request_id.clone();
+                    requests.insert(id, r.clone());
+                    if let Some(result) = e.ingest(r, now).expect("valid") {
+                        check(vec![result], None, &requests)?;
+                    }
+                }
+                Op::Close { advance, .. } | Op::Due { advance } => {
+                    now += advance;
+                    let results = e.close(now, &HashMap::new());
+                    check(results, e.watermark(), &requests)?;
+                }
+                _ => {}
+            }
+        }
+        // The idle rule closes everything eventually.
+        let results = e.close(now + 10_000_000, &HashMap::new());
+        check(results, e.watermark(), &requests)?;
+        prop_assert_eq!(e.pending(), 0);
+        for id in requests.keys() {
+            prop_assert_eq!(settled.get(id).copied(), Some(1), "{} settled {:?} times", id, settled.get(id));
+        }
+        prop_assert_eq!(settled.len(), requests.len());
+        let c = e.counters();
+        prop_assert_eq!(c["requests"] as usize, requests.len());
+        prop_assert_eq!((c["matched"] * 2 + c["expired"]) as usize, requests.len());
+    }
+}

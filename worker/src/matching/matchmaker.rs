@@ -1,0 +1,692 @@
+//! Max-weight matching of one window.
+//!
+//! A pair's weight is `score − minScore + ε`: every allowed pair (score ≥
+//! `minScore`) is worth taking, and among matchings of equal total score the
+//! one with more pairs wins.
+//!
+//! - **Exact** ([`exact`], windows of at most `exactBelow ≤ 20` requests): a DP
+//!   over the subsets of the window, `best[S] = max(best[S − i], max_j w(i, j)
+//!   + best[S − i − j])` with `i` the lowest member of `S`: O(2^n · n).
+//! - **Greedy** ([`greedy`], larger windows): the classic ½-approximation —
+//!   take pairs in order of decreasing score while both sides are free — run
+//!   without ever holding the n × n matrix. Scores are computed in row blocks
+//!   of the upper triangle ([`PairSource::scores`], a batch GEMM) and each
+//!   request keeps only its top-K allowed candidates. The candidate edges go
+//!   into one max-heap. A request whose K candidates were all taken by others
+//!   while it is still free may have unseen edges; all of them are below its
+//!   K-th candidate (its *floor*), so before the heap pops an edge below a
+//!   free request's floor, that request is rescored against the requests
+//!   still free (a *refill*). Hence every pop is the heaviest edge between
+//!   free requests, and the result is exactly the greedy matching of the
+//!   full graph ([`greedy_dense`] is the reference the tests compare with),
+//!   with its ½ bound, at the memory of the sparse graph.
+//!
+//! Ties are broken by a total order on edges (score, then the lower index,
+//! then the higher), so the matching is a pure function of the scores.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use super::config::MAX_EXACT_BELOW;
+use super::pairing::PairSource;
+
+/// Added to every allowed pair's weight (see the module docs).
+pub const EPSILON: f64 = 1e-6;
+
+/// Rows scored per block in the greedy's first pass: 128 rows × 10,000
+/// candidates is a 5 MB score buffer, and re-packing the candidates per block
+/// costs ~1/128 of the GEMM.
+const BLOCK_ROWS: usize = 128;
+
+/// Requests rescored together when one runs out of candidates: the ones
+/// whose floors are next in line would need a refill soon anyway, and one
+/// batch shares the gathering of the free requests.
+const REFILL_BATCH: usize = 64;
+
+/// One matched pair of window indices (`i < j`) and its score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pair {
+    pub i: u32,
+    pub j: u32,
+    pub score: f32,
+}
+
+/// The matchmaker's knobs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MatchParams {
+    pub min_score: f64,
+    pub exact_below: usize,
+    pub top_k: usize,
+}
+
+/// Matches a window: exactly when it has at most `exact_below` requests,
+/// greedily otherwise.
+pub fn match_window(src: &impl PairSource, p: &MatchParams) -> Vec<Pair> {
+    let n = src.len();
+    if n < 2 {
+        Vec::new()
+    } else if n <= p.exact_below.min(MAX_EXACT_BELOW) {
+        exact(src, p.min_score)
+    } else {
+        greedy(src, p.min_score, p.top_k)
+    }
+}
+
+/// A pair's weight, if it may be matched at this score.
+fn weight(score: f32, min_score: f64) -> Option<f64> {
+    let s = f64::from(score);
+    // NaN fails the comparison: never matched.
+    (s >= min_score).then_some(s - min_score + EPSILON)
+}
+
+/// Sum of the weights of `pairs` (what the matchmaker maximises).
+pub fn total_weight(pairs: &[Pair], min_score: f64) -> f64 {
+    pairs
+        .iter()
+        .filter_map(|p| weight(p.score, min_score))
+        .sum()
+}
+
+/// An edge in the greedy's total order: a greater `Edge` is taken first.
+#[derive(Debug, Clone, Copy)]
+struct Edge {
+    score: f32,
+    lo: u32,
+    hi: u32,
+}
+
+impl Edge {
+    fn new(score: f32, a: u32, b: u32) -> Self {
+        Edge {
+            score,
+            lo: a.min(b),
+            hi: a.max(b),
+        }
+    }
+}
+
+impl Ord for Edge {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.score
+            .total_cmp(&o.score)
+            .then(o.lo.cmp(&self.lo))
+            .then(o.hi.cmp(&self.hi))
+    }
+}
+
+impl PartialOrd for Edge {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl PartialEq for Edge {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+
+impl Eq for Edge {}
+
+/// Maximum-weight matching by DP over subsets. Windows above
+/// [`MAX_EXACT_BELOW`] requests are matched greedily instead (the DP would
+/// need 2^n memory).
+pub fn exact(src: &impl PairSource, min_score: f64) -> Vec<Pair> {
+    let n = src.len();
+    if n < 2 {
+        return Vec::new();
+    }
+    if n > MAX_EXACT_BELOW {
+        return greedy(src, min_score, n);
+    }
+    let idx: Vec<u32> = (0..n as u32).collect();
+    let mut scores = vec![0.0f32; n * n];
+    src.scores(&idx, &idx, &mut scores);
+    let mut w = vec![None; n * n];
+    for i in 0..n {
+        for j in i + 1..n {
+            if src.allowed(i as u32, j as u32) {
+                w[i * n + j] = weight(scores[i * n + j], min_score);
+            }
+        }
+    }
+    const UNMATCHED: u8 = u8::MAX;
+    let full = (1usize << n) - 1;
+    let mut best = vec![0.0f64; full + 1];
+    let mut partner = vec![UNMATCHED; full + 1];
+    for mask in 1..=full {
+        let i = mask.trailing_zeros() as usize;
+        let rest = mask & !(1 << i);
+        let (mut b, mut c) = (best[rest], UNMATCHED);
+        let mut others = rest;
+        while others != 0 {
+            let j = others.trailing_zeros() as usize;
+            others &= others - 1;
+            if let Some(wij) = w[i * n + j] {
+                let v = wij + best[rest & !(1 << j)];
+                if v > b {
+                    (b, c) = (v, j as u8);
+                }
+            }
+        }
+        best[mask] = b;
+        partner[mask] = c;
+    }
+    let mut pairs = Vec::new();
+    let mut mask = full;
+    while mask != 0 {
+        let i = mask.trailing_zeros() as usize;
+        mask &= !(1 << i);
+        let j = partner[mask | (1 << i)];
+        if j != UNMATCHED {
+            let j = usize::from(j);
+            mask &= !(1 << j);
+            pairs.push(Pair {
+                i: i as u32,
+                j: j as u32,
+                score: scores[i * n + j],
+            });
+        }
+    }
+    pairs
+}
+
+/// Every request's best K edges in one flat buffer of 2K slots per request.
+/// An edge above the request's floor is appended; a full buffer is cut to
+/// its best K by linear-time selection, which raises the floor. Appends are
+/// O(1) amortised and touch one contiguous slot range (a heap per request
+/// costs a pointer chase and a sift per candidate).
+struct Candidates {
+    k: usize,
+    slots: Vec<Edge>,
+    len: Vec<u32>,
+    /// The K-th best after the last cut: nothing at or below it can be in
+    /// the top K any more.
+    floor: Vec<Option<Edge>>,
+    /// The floor's score, or −∞: the one-compare reject of the hot loop.
+    threshold: Vec<f32>,
+}
+
+impl Candidates {
+    fn new(n: usize, k: usize) -> Self {
+        let blank = Edge::new(f32::NEG_INFINITY, 0, 0);
+        Candidates {
+            k,
+            slots: vec![blank; n * 2 * k],
+            len: vec![0; n],
+            floor: vec![None; n],
+            threshold: vec![f32::NEG_INFINITY; n],
+        }
+    }
+
+    #[inline]
+    fn admits(&self, u: usize, e: Edge) -> bool {
+        self.floor[u].is_none_or(|f| e > f)
+    }
+
+    #[inline]
+    fn push(&mut self, u: usize, e: Edge) {
+        let l = self.len[u] as usize;
+        self.slots[u * 2 * self.k + l] = e;
+        self.len[u] += 1;
+        if l + 1 == 2 * self.k {
+            self.cut(u);
+        }
+    }
+
+    /// Keeps `u`'s best K; sets the floor once there are K.
+    fn cut(&mut self, u: usize) {
+        let k = self.k;
+        let l = self.len[u] as usize;
+        let s = &mut self.slots[u * 2 * k..u * 2 * k + l];
+        if l > k {
+            s.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+            self.len[u] = k as u32;
+        }
+        if l >= k {
+            let f = s[k - 1];
+            self.floor[u] = Some(f);
+            self.threshold[u] = f.score;
+        }
+    }
+
+    /// `u`'s best K edges, and its floor if it has K (there may be more below).
+    fn finish(&mut self, u: usize) -> (&[Edge], Option<Edge>) {
+        self.cut(u);
+        let base = u * 2 * self.k;
+        let list = &self.slots[base..base + self.len[u] as usize];
+        let floor = (list.len() == self.k).then(|| self.floor[u]).flatten();
+        (list, floor)
+    }
+}
+
+/// The greedy's queue: the first pass's edges sorted once, plus a heap for
+/// the few that refills add.
+struct EdgeQueue {
+    sorted: Vec<Edge>,
+    at: usize,
+    extra: BinaryHeap<Edge>,
+}
+
+impl EdgeQueue {
+    fn peek(&self) -> Option<Edge> {
+        match (self.sorted.get(self.at), self.extra.peek()) {
+            (Some(&a), Some(&b)) => Some(a.max(b)),
+            (a, b) => a.or(b).copied(),
+        }
+    }
+
+    fn pop(&mut self) -> Option<Edge> {
+        let e = self.peek()?;
+        if self.sorted.get(self.at) == Some(&e) {
+            self.at += 1;
+        } else {
+            self.extra.pop();
+        }
+        Some(e)
+    }
+}
+
+/// Greedy max-weight matching of the full allowed graph, keeping at most
+/// `top_k` candidates per request in memory (see the module docs).
+pub fn greedy(src: &impl PairSource, min_score: f64, top_k: usize) -> Vec<Pair> {
+    let n = src.len();
+    if n < 2 {
+        return Vec::new();
+    }
+    // A request has at most n − 1 edges: a larger K only costs memory.
+    let k = top_k.clamp(1, n);
+    let mut cands = first_pass(src, min_score, k);
+
+    let mut sorted = Vec::with_capacity(n * k.min(n));
+    // Requests whose lists are full (there may be more edges below), by floor.
+    let mut floors: BinaryHeap<(Edge, u32)> = BinaryHeap::new();
+    for u in 0..n {
+        let (list, floor) = cands.finish(u);
+        sorted.extend_from_slice(list);
+        if let Some(f) = floor {
+            floors.push((f, u as u32));
+        }
+    }
+    drop(cands);
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let mut queue = EdgeQueue {
+        sorted,
+        at: 0,
+        extra: BinaryHeap::new(),
+    };
+
+    let mut free = vec![true; n];
+    let mut pairs = Vec::new();
+    loop {
+        let next = queue.peek();
+        let mut batch = Vec::new();
+        while let Some(&(floor, u)) = floors.peek() {
+            if !free[u as usize] {
+                floors.pop();
+            } else if next.is_some_and(|e| floor <= e) {
+                break;
+            } else {
+                floors.pop();
+                batch.push((u, floor));
+            }
+        }
+        if !batch.is_empty() {
+            while batch.len() < REFILL_BATCH {
+                let Some((floor, u)) = floors.pop() else {
+                    break;
+                };
+                if free[u as usize] {
+                    batch.push((u, floor));
+                }
+            }
+            refill(
+                src,
+                min_score,
+                k,
+                &batch,
+                &free,
+                &mut queue.extra,
+                &mut floors,
+            );
+            continue;
+        }
+        let Some(e) = queue.pop() else {
+            break;
+        };
+        let (lo, hi) = (e.lo as usize, e.hi as usize);
+        if free[lo] && free[hi] {
+            free[lo] = false;
+            free[hi] = false;
+            pairs.push(Pair {
+                i: e.lo,
+                j: e.hi,
+                score: e.score,
+            });
+        }
+    }
+    pairs
+}
+
+/// Scores the upper triangle in row blocks and keeps each request's top-K
+/// allowed edges. The scan is the hot loop (n²/2 pairs): per row, a
+/// branch-free pass marks the columns that beat either side's floor, reach
+/// minScore and pass the prefilter (a few percent of them), and only those
+/// take the slow path that confirms and records them.
+fn first_pass(src: &impl PairSource, min_score: f64, k: usize) -> Candidates {
+    let n = src.len();
+    let mut cands = Candidates::new(n, k);
+    let min = min_score_f32(min_score);
+    let all: Vec<u32> = (0..n as u32).collect();
+    let mut out = Vec::new();
+    let mut marks = vec![0u8; n];
+    let mut hits = vec![0u32; n];
+    for r0 in (0..n).step_by(BLOCK_ROWS) {
+        let r1 = (r0 + BLOCK_ROWS).min(n);
+        let rows = &all[r0..r1];
+        let cols = &all[r0..];
+        out.resize(rows.len() * cols.len(), 0.0);
+        src.scores(rows, cols, &mut out);
+        for (a, row) in out.chunks_exact(cols.len()).enumerate() {
+            let i = r0 + a;
+            // Only j > i: the block's diagonal part and everything right of it.
+            let first = i + 1;
+            let row = &row[a + 1..];
+            // Vectorised: prefilter, then floors and minScore on top.
+            let marks = &mut marks[..row.len()];
+            src.prefilter(i as u32, first, marks);
+            let ti = cands.threshold[i];
+            for ((m, &s), &tj) in marks.iter_mut().zip(row).zip(&cands.threshold[first..]) {
+                *m &= u8::from((s >= min) & ((s >= ti) | (s >= tj)));
+            }
+            // Marks are a few percent: skip eight at a time.
+            let mut found = 0;
+            for (c, chunk) in marks.chunks(8).enumerate() {
+                let mut word = [0u8; 8];
+                word[..chunk.len()].copy_from_slice(chunk);
+                let mut bits = u64::from_le_bytes(word);
+                while bits != 0 {
+                    let b = c * 8 + bits.trailing_zeros() as usize / 8;
+                    bits &= bits - 1;
+                    hits[found] = b as u32;
+                    found += 1;
+                }
+            }
+            for &b in &hits[..found] {
+                let j = first + b as usize;
+                let e = Edge::new(row[b as usize], i as u32, j as u32);
+                let (to_i, to_j) = (cands.admits(i, e), cands.admits(j, e));
+                if (to_i || to_j) && src.allowed(i as u32, j as u32) {
+                    if to_i {
+                        cands.push(i, e);
+                    }
+                    if to_j {
+                        cands.push(j, e);
+                    }
+                }
+            }
+        }
+    }
+    cands
+}
+
+/// The smallest f32 at or above `min`: for an f32 score `s`,
+/// `s >= min_score_f32(m)` exactly when `f64::from(s) >= m`.
+fn min_score_f32(min: f64) -> f32 {
+    let m = min as f32;
+    if f64::from(m) < min {
+        m.next_up()
+    } else {
+        m
+    }
+}
+
+/// Rescores `batch` (free requests with their floors) against the requests
+/// still free and queues each one's next K edges below its floor.
+fn refill(
+    src: &impl PairSource,
+    min_score: f64,
+    k: usize,
+    batch: &[(u32, Edge)],
+    free: &[bool],
+    queue: &mut BinaryHeap<Edge>,
+    floors: &mut BinaryHeap<(Edge, u32)>,
+) {
+    let rows: Vec<u32> = batch.iter().map(|&(u, _)| u).collect();
+    let cols: Vec<u32> = (0..free.len() as u32)
+        .filter(|&x| free[x as usize])
+        .collect();
+    let mut out = vec![0.0f32; rows.len() * cols.len()];
+    src.scores(&rows, &cols, &mut out);
+    let mut list = Vec::new();
+    for (&(u, floor), row) in batch.iter().zip(out.chunks_exact(cols.len().max(1))) {
+        list.clear();
+        for (&x, &s) in cols.iter().zip(row) {
+            if x == u || s > floor.score || weight(s, min_score).is_none() {
+                continue;
+            }
+            let e = Edge::new(s, u, x);
+            if e < floor && src.allowed(u, x) {
+                list.push(e);
+            }
+        }
+        if list.len() >= k {
+            list.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+            list.truncate(k);
+            if let Some(f) = list.iter().min() {
+                floors.push((*f, u));
+            }
+        }
+        queue.extend(list.iter().copied());
+    }
+}
+
+/// The textbook greedy over the dense graph: every allowed pair scored,
+/// sorted, taken while both sides are free. The reference for [`greedy`].
+pub fn greedy_dense(src: &impl PairSource, min_score: f64) -> Vec<Pair> {
+    let n = src.len();
+    let idx: Vec<u32> = (0..n as u32).collect();
+    let mut scores = vec![0.0f32; n * n];
+    src.scores(&idx, &idx, &mut scores);
+    let mut edges = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            let s = scores[i * n + j];
+            if weight(s, min_score).is_some() && src.allowed(i as u32, j as u32) {
+                edges.push(Edge::new(s, i as u32, j as u32));
+            }
+        }
+    }
+    edges.sort_unstable_by(|a, b| b.cmp(a));
+    let mut free = vec![true; n];
+    let mut pairs = Vec::new();
+    for e in edges {
+        if free[e.lo as usize] && free[e.hi as usize] {
+            free[e.lo as usize] = false;
+            free[e.hi as usize] = false;
+            pairs.push(Pair {
+                i: e.lo,
+                j: e.hi,
+                score: e.score,
+            });
+        }
+    }
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A window given by a symmetric score matrix and an allowed matrix.
+    struct Table {
+        n: usize,
+        scores: Vec<f32>,
+        allowed: Vec<bool>,
+    }
+
+    impl PairSource for Table {
+        fn len(&self) -> usize {
+            self.n
+        }
+        fn scores(&self, rows: &[u32], cols: &[u32], out: &mut [f32]) {
+            for (a, &i) in rows.iter().enumerate() {
+                for (b, &j) in cols.iter().enumerate() {
+                    out[a * cols.len() + b] = self.scores[i as usize * self.n + j as usize];
+                }
+            }
+        }
+        fn allowed(&self, i: u32, j: u32) -> bool {
+            i != j && self.allowed[i as usize * self.n + j as usize]
+        }
+    }
+
+    /// Scores on a coarse grid (many ties) and ~`p_allowed` of pairs allowed.
+    fn table(n: usize, seed: u64, p_allowed: u32) -> Table {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut scores = vec![0.0; n * n];
+        let mut allowed = vec![false; n * n];
+        for i in 0..n {
+            for j in i + 1..n {
+                let v = (next() % 21) as f32 / 10.0 - 1.0;
+                let ok = (next() % 100) < u64::from(p_allowed);
+                scores[i * n + j] = v;
+                scores[j * n + i] = v;
+                allowed[i * n + j] = ok;
+                allowed[j * n + i] = ok;
+            }
+        }
+        Table { n, scores, allowed }
+    }
+
+    /// Every matching, by recursion: the brute-force optimum.
+    fn brute_force(t: &Table, min: f64, free: &mut Vec<bool>) -> f64 {
+        let Some(i) = free.iter().position(|&f| f) else {
+            return 0.0;
+        };
+        free[i] = false;
+        let mut best = brute_force(t, min, free);
+        for j in i + 1..t.n {
+            if free[j] && t.allowed(i as u32, j as u32) {
+                if let Some(w) = weight(t.scores[i * t.n + j], min) {
+                    free[j] = false;
+                    best = best.max(w + brute_force(t, min, free));
+                    free[j] = true;
+                }
+            }
+        }
+        free[i] = true;
+        best
+    }
+
+    fn check_matching(t: &Table, pairs: &[Pair], min: f64) {
+        let mut used = vec![false; t.n];
+        for p in pairs {
+            assert!(p.i < p.j);
+            assert!(t.allowed(p.i, p.j), "{p:?} not allowed");
+            assert!(f64::from(p.score) >= min);
+            assert_eq!(p.score, t.scores[p.i as usize * t.n + p.j as usize]);
+            for v in [p.i, p.j] {
+                assert!(
+                    !std::mem::replace(&mut used[v as usize], true),
+                    "{v} matched twice"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn exact_is_optimal(n in 0usize..10, seed in any::<u64>(), p in 0u32..=100, min in -1.0f64..0.5) {
+            let t = table(n, seed, p);
+            let pairs = exact(&t, min);
+            check_matching(&t, &pairs, min);
+            let want = brute_force(&t, min, &mut vec![true; n]);
+            prop_assert!((total_weight(&pairs, min) - want).abs() < 1e-9,
+                "exact {} vs brute force {}", total_weight(&pairs, min), want);
+        }
+
+        #[test]
+        fn sparse_greedy_is_the_dense_greedy_and_at_least_half_the_optimum(
+            n in 0usize..14, seed in any::<u64>(), p in 0u32..=100, min in -1.0f64..0.5, k in 1usize..5,
+        ) {
+            let t = table(n, seed, p);
+            let sparse = greedy(&t, min, k);
+            check_matching(&t, &sparse, min);
+            let dense = greedy_dense(&t, min);
+            prop_assert_eq!(&sparse, &dense);
+            let opt = total_weight(&exact(&t, min), min);
+            prop_assert!(total_weight(&sparse, min) >= 0.5 * opt - 1e-9);
+        }
+
+        #[test]
+        fn sparse_greedy_holds_on_windows_larger_than_a_block(seed in any::<u64>(), k in 1usize..4) {
+            let t = table(BLOCK_ROWS + 37, seed, 40);
+            let sparse = greedy(&t, 0.0, k);
+            check_matching(&t, &sparse, 0.0);
+            prop_assert_eq!(sparse, greedy_dense(&t, 0.0));
+        }
+    }
+
+    #[test]
+    fn match_window_picks_exact_for_small_windows() {
+        // A path a-b-c-d with weights 2, 3, 2: greedy takes b-c (3), exact
+        // a-b + c-d (4).
+        let mut t = table(4, 1, 0);
+        for (i, j, s) in [(0, 1, 0.2f32), (1, 2, 0.3), (2, 3, 0.2)] {
+            t.scores[i * 4 + j] = s;
+            t.scores[j * 4 + i] = s;
+            t.allowed[i * 4 + j] = true;
+            t.allowed[j * 4 + i] = true;
+        }
+        let p = |exact_below| MatchParams {
+            min_score: 0.0,
+            exact_below,
+            top_k: 8,
+        };
+        assert_eq!(match_window(&t, &p(4)).len(), 2);
+        let g = match_window(&t, &p(3));
+        assert_eq!((g.len(), g[0].i, g[0].j), (1, 1, 2));
+    }
+
+    #[test]
+    fn the_f32_min_score_compares_like_the_f64_one() {
+        for min in [-1.0, -0.5, 0.1, 0.3, 1.0 / 3.0, 0.7, -1e-40, 1e300, -1e300] {
+            let m = min_score_f32(min);
+            for s in [
+                m,
+                m.next_down(),
+                m.next_up(),
+                0.1f32,
+                0.3,
+                -1.0,
+                f32::MAX,
+                f32::MIN,
+            ] {
+                assert_eq!(s >= m, f64::from(s) >= min, "score {s:e} against {min:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn nan_scores_and_low_scores_never_match() {
+        let mut t = table(2, 1, 100);
+        t.scores = vec![0.0, f32::NAN, f32::NAN, 0.0];
+        assert!(exact(&t, -1.0).is_empty());
+        assert!(greedy(&t, -1.0, 4).is_empty());
+        t.scores = vec![0.0, 0.1, 0.1, 0.0];
+        assert!(exact(&t, 0.2).is_empty());
+        assert_eq!(
+            exact(&t, 0.1).len(),
+            1,
+            "a score equal to minScore is allowed"
+        );
+    }
+}

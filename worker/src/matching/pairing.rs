@@ -1,0 +1,453 @@
+//! A window's pair generation: which pairs are allowed (preferences both
+//! ways, distinct users, no cooldown) and what they score, in the shape the
+//! matchmaker consumes ([`PairSource`]).
+//!
+//! Preferences are compiled once per window into integers and bitsets
+//! ([`WindowFilter`]) because the matchmaker asks about millions of pairs in
+//! a 10,000-request window; it answers exactly as
+//! [`matchfleet_api::matching::mutually_acceptable`] would (property-tested).
+
+use std::collections::{HashMap, HashSet};
+
+use matchfleet_api::match_pipeline::BuiltinScorer;
+use matchfleet_api::matching::MatchRequest;
+
+use super::cooldown::CooldownBook;
+use super::score::{score_batch, FeatureMatrix};
+
+/// What the matchmaker needs of a window of `len()` requests.
+pub trait PairSource {
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Scores of every `rows[a]` against every `cols[b]` into
+    /// `out[a * cols.len() + b]`. Symmetric: (i, j) and (j, i) score the
+    /// same. A score that is not a number never matches.
+    fn scores(&self, rows: &[u32], cols: &[u32], out: &mut [f32]);
+
+    /// Whether `i` and `j` may be matched at all (the score threshold aside).
+    fn allowed(&self, i: u32, j: u32) -> bool;
+
+    /// A fast superset of [`allowed`](Self::allowed) for `i` against the
+    /// columns `first..first + out.len()`: `out[b] == 0` means never
+    /// allowed, 1 maybe. The matchmaker's hot loop; it confirms with `allowed`.
+    fn prefilter(&self, i: u32, first: usize, out: &mut [u8]) {
+        let _ = (i, first);
+        out.fill(1);
+    }
+}
+
+/// Preferences and cooldowns of one window, compiled.
+#[derive(Debug, Clone)]
+pub struct WindowFilter {
+    user: Vec<u32>,
+    gender: Vec<u32>,
+    age: Vec<u8>,
+    min_age: Vec<u8>,
+    max_age: Vec<u8>,
+    /// The prefilter's form, when the window has at most 32 genders.
+    lanes: Option<Lanes>,
+    /// Bitset words per request in `wants`.
+    words: usize,
+    /// Request `i` accepts gender id `g` iff bit `g` of `wants[i * words..]`.
+    wants: Vec<u64>,
+    /// Index pairs `(lo, hi)` in cooldown.
+    blocked: HashSet<(u32, u32)>,
+}
+
+impl WindowFilter {
+    /// Compiles `requests` (in window order) for a window starting at `start`.
+    pub fn new(requests: &[&MatchRequest], cooldowns: &CooldownBook, start: i64) -> Self {
+        let mut users: HashMap<&str, u32> = HashMap::new();
+        let mut genders: HashMap<&str, u32> = HashMap::new();
+        let mut user = Vec::with_capacity(requests.len());
+        let mut gender = Vec::with_capacity(requests.len());
+        for r in requests {
+            let next = users.len() as u32;
+            user.push(*users.entry(r.user.as_str()).or_insert(next));
+            let next = genders.len() as u32;
+            gender.push(*genders.entry(r.profile.gender.as_str()).or_insert(next));
+        }
+        let words = genders.len().div_ceil(64).max(1);
+        let mut wants = vec![0u64; requests.len() * words];
+        for (r, bits) in requests.iter().zip(wants.chunks_exact_mut(words)) {
+            if r.wants.genders.is_empty() {
+                bits.fill(u64::MAX);
+            }
+            // A wanted gender nobody in the window has cannot match here.
+            for g in r
+                .wants
+                .genders
+                .iter()
+                .filter_map(|g| genders.get(g.as_str()))
+            {
+                bits[*g as usize / 64] |= 1 << (g % 64);
+            }
+        }
+        let names: Vec<&str> = requests.iter().map(|r| r.user.as_str()).collect();
+        let mut filter = WindowFilter {
+            user,
+            lanes: None,
+            gender,
+            age: requests.iter().map(|r| r.profile.age).collect(),
+            min_age: requests.iter().map(|r| r.wants.min_age).collect(),
+            max_age: requests.iter().map(|r| r.wants.max_age).collect(),
+            words,
+            wants,
+            blocked: cooldowns.blocked(&names, start),
+        };
+        filter.lanes = Lanes::new(&filter);
+        filter
+    }
+
+    /// `i` accepts `j`'s profile.
+    #[inline]
+    fn accepts(&self, i: usize, j: usize) -> bool {
+        let g = self.gender[j] as usize;
+        let word = self.wants[i * self.words + g / 64];
+        (word >> (g % 64)) & 1 == 1
+            && self.min_age[i] <= self.age[j]
+            && self.age[j] <= self.max_age[i]
+    }
+
+    /// [`PairSource::prefilter`] without the cooldowns: preferences both
+    /// ways and distinct users, branch-free over 32-bit lanes so the
+    /// compiler vectorises it. Windows with more than 32 genders skip it.
+    pub fn prefilter(&self, i: u32, first: usize, out: &mut [u8]) {
+        match &self.lanes {
+            Some(lanes) => lanes.prefilter(i as usize, first, out),
+            None => out.fill(1),
+        }
+    }
+
+    /// Distinct users who accept each other and are not in cooldown.
+    #[inline]
+    pub fn allowed(&self, i: u32, j: u32) -> bool {
+        let (a, b) = (i as usize, j as usize);
+        self.user[a] != self.user[b]
+            && self.accepts(a, b)
+            && self.accepts(b, a)
+            && (self.blocked.is_empty() || !self.blocked.contains(&(i.min(j), i.max(j))))
+    }
+}
+
+/// Preferences as 32-bit lanes (eight to an AVX2 vector), for the prefilter.
+#[derive(Debug, Clone)]
+struct Lanes {
+    gender_bit: Vec<u32>,
+    wants: Vec<u32>,
+    age: Vec<u32>,
+    min_age: Vec<u32>,
+    /// `max_age − min_age` (validated ≥ 0): an age range is one unsigned compare.
+    age_span: Vec<u32>,
+    user: Vec<u32>,
+}
+
+impl Lanes {
+    fn new(f: &WindowFilter) -> Option<Self> {
+        if f.words != 1 || f.gender.iter().any(|&g| g >= 32) {
+            return None;
+        }
+        Some(Lanes {
+            gender_bit: f.gender.iter().map(|&g| 1 << g).collect(),
+            wants: f.wants.iter().map(|&w| w as u32).collect(),
+            age: f.age.iter().map(|&a| u32::from(a)).collect(),
+            min_age: f.min_age.iter().map(|&a| u32::from(a)).collect(),
+            age_span: f
+                .min_age
+                .iter()
+                .zip(&f.max_age)
+                .map(|(&lo, &hi)| u32::from(hi.saturating_sub(lo)))
+                .collect(),
+            user: f.user.clone(),
+        })
+    }
+
+    fn prefilter(&self, i: usize, first: usize, out: &mut [u8]) {
+        let end = first + out.len();
+        let (g, w) = (&self.gender_bit[first..end], &self.wants[first..end]);
+        let (a, lo, span) = (
+            &self.age[first..end],
+            &self.min_age[first..end],
+            &self.age_span[first..end],
+        );
+        let u = &self.user[first..end];
+        let (gi, wi, ai, loi, spani, ui) = (
+            self.gender_bit[i],
+            self.wants[i],
+            self.age[i],
+            self.min_age[i],
+            self.age_span[i],
+            self.user[i],
+        );
+        for b in 0..out.len() {
+            let ok = (wi & g[b] != 0)
+                & (w[b] & gi != 0)
+                & (a[b].wrapping_sub(loi) <= spani)
+                & (ai.wrapping_sub(lo[b]) <= span[b])
+                & (u[b] != ui);
+            out[b] = u8::from(ok);
+        }
+    }
+}
+
+/// Where a window's scores come from.
+#[derive(Debug, Clone)]
+pub enum Scores<'a> {
+    /// Cosine (or its negation) over L2-normalised vectors, batch GEMM.
+    Builtin {
+        vectors: FeatureMatrix,
+        scorer: BuiltinScorer,
+    },
+    /// An external scorer's `n × n` row-major matrix. A pair scores the mean
+    /// of its two entries, so an asymmetric answer still gives one score.
+    External { n: usize, scores: &'a [f32] },
+}
+
+impl<'a> Scores<'a> {
+    /// Builtin scores of `vectors` (rows of the window, in order).
+    pub fn builtin(mut vectors: FeatureMatrix, scorer: BuiltinScorer) -> Self {
+        vectors.normalize_rows();
+        Scores::Builtin { vectors, scorer }
+    }
+
+    /// `None` unless `scores` holds `n × n` values.
+    pub fn external(n: usize, scores: &'a [f32]) -> Option<Self> {
+        (n.checked_mul(n) == Some(scores.len())).then_some(Scores::External { n, scores })
+    }
+
+    fn fill(&self, rows: &[u32], cols: &[u32], out: &mut [f32]) {
+        match self {
+            Scores::Builtin { vectors, scorer } => {
+                let gather = |idx: &[u32]| {
+                    let mut data = Vec::with_capacity(idx.len() * vectors.dim());
+                    for &i in idx {
+                        data.extend_from_slice(vectors.row(i as usize));
+                    }
+                    FeatureMatrix::from_vec(data, vectors.dim())
+                };
+                let done = match (gather(rows), gather(cols)) {
+                    (Ok(r), Ok(c)) => score_batch(&r, &c, out).is_ok(),
+                    _ => false,
+                };
+                if !done {
+                    // Unreachable with the shapes built here; refuse every pair
+                    // rather than match on garbage.
+                    out.fill(f32::NAN);
+                } else {
+                    // Rounding lets the cosine of equal unit vectors exceed 1,
+                    // and so its complement fall below a minScore of -1.
+                    let sign = if *scorer == BuiltinScorer::Complement {
+                        -1.0
+                    } else {
+                        1.0
+                    };
+                    out.iter_mut().for_each(|s| *s = sign * s.clamp(-1.0, 1.0));
+                }
+            }
+            Scores::External { n, scores } => {
+                for (&i, out_row) in rows.iter().zip(out.chunks_exact_mut(cols.len().max(1))) {
+                    for (&j, o) in cols.iter().zip(out_row) {
+                        let (i, j) = (i as usize, j as usize);
+                        *o = (scores[i * n + j] + scores[j * n + i]) * 0.5;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A window ready for the matchmaker: its filter and its scores.
+#[derive(Debug, Clone)]
+pub struct WindowPairs<'a> {
+    pub filter: WindowFilter,
+    pub scores: Scores<'a>,
+    pub len: usize,
+}
+
+impl PairSource for WindowPairs<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn scores(&self, rows: &[u32], cols: &[u32], out: &mut [f32]) {
+        self.scores.fill(rows, cols, out)
+    }
+
+    fn allowed(&self, i: u32, j: u32) -> bool {
+        self.filter.allowed(i, j)
+    }
+
+    fn prefilter(&self, i: u32, first: usize, out: &mut [u8]) {
+        self.filter.prefilter(i, first, out)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::matching::cooldown::UserPair;
+    use matchfleet_api::matching::{mutually_acceptable, Preferences, Profile};
+    use proptest::prelude::*;
+
+    pub(crate) fn request(
+        id: &str,
+        user: &str,
+        gender: &str,
+        age: u8,
+        wants: &[&str],
+        min: u8,
+        max: u8,
+    ) -> MatchRequest {
+        MatchRequest {
+            request_id: id.into(),
+            user: user.into(),
+            segment: "s".into(),
+            event_time: 0,
+            vector: vec![1.0, 0.0],
+            profile: Profile {
+                gender: gender.into(),
+                age,
+            },
+            wants: Preferences {
+                genders: wants.iter().map(|g| g.to_string()).collect(),
+                min_age: min,
+                max_age: max,
+            },
+        }
+    }
+
+    fn arb_request() -> impl Strategy<Value = MatchRequest> {
+        let gender = prop::sample::select(vec!["f", "m", "x", "y"]);
+        (
+            0u8..4,
+            gender.clone(),
+            18u8..30,
+            prop::collection::vec(gender, 0..3),
+            18u8..30,
+            0u8..8,
+        )
+            .prop_map(|(u, g, age, wants, min, span)| {
+                let user = format!("u{u}");
+                let wants: Vec<&str> = wants.to_vec();
+                request("r", &user, g, age, &wants, min, min.saturating_add(span))
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn compiled_filter_equals_mutually_acceptable(reqs in prop::collection::vec(arb_request(), 1..12)) {
+            let refs: Vec<&MatchRequest> = reqs.iter().collect();
+            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            for i in 0..reqs.len() {
+                for j in 0..reqs.len() {
+                    prop_assert_eq!(
+                        f.allowed(i as u32, j as u32),
+                        mutually_acceptable(&reqs[i], &reqs[j]),
+                        "{:?} / {:?}", reqs[i], reqs[j]
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn prefilter_equals_allowed_without_cooldowns(reqs in prop::collection::vec(arb_request(), 1..12), first in 0usize..12) {
+            let refs: Vec<&MatchRequest> = reqs.iter().collect();
+            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let first = first.min(reqs.len());
+            for i in 0..reqs.len() {
+                let mut out = vec![7u8; reqs.len() - first];
+                f.prefilter(i as u32, first, &mut out);
+                for (b, &o) in out.iter().enumerate() {
+                    prop_assert_eq!(o == 1, f.allowed(i as u32, (first + b) as u32));
+                    prop_assert!(o <= 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_genders_use_several_bitset_words() {
+        let genders: Vec<String> = (0..130).map(|g| format!("g{g}")).collect();
+        let mut reqs: Vec<MatchRequest> = genders
+            .iter()
+            .enumerate()
+            .map(|(i, g)| request("r", &format!("u{i}"), g, 20, &[], 18, 99))
+            .collect();
+        reqs[0].wants.genders = vec!["g129".into()];
+        reqs[129].wants.genders = vec!["g0".into(), "nobody".into()];
+        let refs: Vec<&MatchRequest> = reqs.iter().collect();
+        let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+        assert_eq!(f.words, 3);
+        assert!(f.lanes.is_none(), "over 32 genders: no prefilter");
+        let mut out = [0u8; 130];
+        f.prefilter(0, 0, &mut out);
+        assert!(out.iter().all(|&o| o == 1));
+        for i in 0..130 {
+            for j in 0..130 {
+                assert_eq!(
+                    f.allowed(i, j),
+                    mutually_acceptable(&reqs[i as usize], &reqs[j as usize])
+                );
+            }
+        }
+        assert!(f.allowed(0, 129));
+        assert!(!f.allowed(0, 1));
+    }
+
+    #[test]
+    fn cooldown_blocks_pairs_by_user() {
+        let reqs = [
+            request("r1", "ann", "f", 20, &[], 18, 99),
+            request("r2", "bob", "m", 20, &[], 18, 99),
+            request("r3", "cat", "f", 20, &[], 18, 99),
+        ];
+        let refs: Vec<&MatchRequest> = reqs.iter().collect();
+        let mut book = CooldownBook::default();
+        book.insert(UserPair::new("bob", "ann"), 2000);
+        let f = WindowFilter::new(&refs, &book, 1000);
+        assert!(!f.allowed(0, 1) && !f.allowed(1, 0));
+        let mut out = [0u8; 3];
+        f.prefilter(0, 0, &mut out);
+        assert_eq!(out, [0, 1, 1], "the prefilter leaves cooldowns to allowed");
+        assert!(f.allowed(0, 2) && f.allowed(1, 2));
+        let f = WindowFilter::new(&refs, &book, 2000);
+        assert!(f.allowed(0, 1), "the cooldown ended at the window start");
+    }
+
+    #[test]
+    fn scores_are_cosine_complement_or_the_external_mean() {
+        let v = FeatureMatrix::from_slice(&[3.0, 4.0, 1.0, 0.0, 0.0, 2.0], 2).unwrap();
+        let mut out = vec![0.0; 2];
+        Scores::builtin(v.clone(), BuiltinScorer::Cosine).fill(&[0], &[1, 2], &mut out);
+        assert!(
+            (out[0] - 0.6).abs() < 1e-6 && (out[1] - 0.8).abs() < 1e-6,
+            "{out:?}"
+        );
+        Scores::builtin(v, BuiltinScorer::Complement).fill(&[0], &[1, 2], &mut out);
+        assert!(
+            (out[0] + 0.6).abs() < 1e-6 && (out[1] + 0.8).abs() < 1e-6,
+            "{out:?}"
+        );
+
+        // Equal vectors: exactly 1 and -1, so a minScore of -1 admits the pair.
+        let same = FeatureMatrix::from_slice(&[0.1; 64], 32).unwrap();
+        let mut out = vec![0.0; 1];
+        Scores::builtin(same.clone(), BuiltinScorer::Cosine).fill(&[0], &[1], &mut out);
+        assert_eq!(out[0], 1.0);
+        Scores::builtin(same, BuiltinScorer::Complement).fill(&[0], &[1], &mut out);
+        assert_eq!(out[0], -1.0);
+
+        let ext = [0.0, 0.2, 0.4, 0.0];
+        assert!(Scores::external(3, &ext).is_none());
+        let s = Scores::external(2, &ext).unwrap();
+        let mut out = vec![0.0; 1];
+        s.fill(&[1], &[0], &mut out);
+        assert!((out[0] - 0.3).abs() < 1e-6);
+    }
+}
