@@ -9,6 +9,7 @@ mod http;
 mod metrics;
 mod partition;
 pub mod restore;
+mod scorers;
 pub mod txn;
 
 use std::net::SocketAddr;
@@ -88,6 +89,8 @@ pub struct MatchWorker {
     engine_config: EngineConfig,
     commit_interval: Duration,
     metrics: Arc<MatchMetrics>,
+    /// For HTTP scorers (each call has its own timeout).
+    scorer_client: reqwest::Client,
 }
 
 impl MatchWorker {
@@ -118,6 +121,7 @@ pub async fn run(args: MatchArgs) -> anyhow::Result<()> {
         engine_config,
         commit_interval: Duration::from_millis(args.commit_interval_millis.max(10)),
         metrics: metrics.clone(),
+        scorer_client: reqwest::Client::new(),
     });
     let keeper = LeaseKeeper::new(client, worker, &args.slot, interval);
     let stats = keeper.stats.clone();

@@ -3,7 +3,6 @@
 //! (results + state changes + dead letters + offset) in one transaction,
 //! only while the lease guard is valid.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use tracing::{error, info, warn, Instrument};
 
 use super::metrics::MatchMetrics;
 use super::restore;
+use super::scorers::score_http_windows;
 use super::txn::{Commit, OwnedLetter, Transactions};
 use super::MatchWorker;
 use crate::fleet::guard::LeaseGuard;
@@ -155,10 +155,14 @@ impl MatchWorker {
             let now = wall_millis();
             let due = engine.due(now);
             if !due.is_empty() {
-                // HTTP scorers are not called yet: their windows use the builtin fallback.
-                let external = HashMap::new();
-                let fallbacks = due.iter().filter(|w| w.http.is_some()).count();
-                MatchMetrics::add(&self.metrics.http_scorer_fallbacks, fallbacks as u64);
+                // Nothing is read while HTTP scorers answer, so the windows
+                // `close` sees are the ones `due` listed.
+                let external = score_http_windows(&self.scorer_client, &due).await;
+                let asked = due.iter().filter(|w| w.http.is_some()).count();
+                MatchMetrics::add(
+                    &self.metrics.http_scorer_fallbacks,
+                    (asked - external.len()) as u64,
+                );
                 MatchMetrics::add(&self.metrics.windows_closed, due.len() as u64);
                 pending.results.extend(engine.close(now, &external));
             }
