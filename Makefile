@@ -13,7 +13,7 @@ run: cluster-up
 	$(CLUSTER)/demo
 	@echo
 	@echo "export KUBECONFIG=$$PWD/.cluster/admin.kubeconfig PATH=$$PWD/.cluster/bin:\$$PATH"
-	@echo "then: kubectl get rj; kubectl describe rj demo; make cluster-down when done"
+	@echo "then: kubectl get rj,mp; kubectl describe rj demo; kubectl describe mp matchmaker; make cluster-down when done"
 
 ## Every check CI runs: formatting, lints, unit tests, then the end-to-end
 ## tests on a fresh local cluster, and last the test that stops it.
