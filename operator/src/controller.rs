@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -26,6 +26,8 @@ use kube::runtime::{reflector, watcher, PredicateConfig, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use matchfleet_api::fleet::Condition;
 use matchfleet_api::progress::Assignment;
+
+use tracing::Instrument;
 
 use crate::fleet::{assignment_failed, worker_refused, FleetStatus, PlannedEvent, REQUEUE_BUSY};
 use crate::kafka::Kafka;
@@ -57,6 +59,55 @@ impl Error {
             Error::Invalid(_) => "invalid_object",
         }
     }
+}
+
+/// The backoff key of an object: kind, namespace and name, as a RenderJob and
+/// a MatchPipeline may share a name.
+pub fn backoff_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+/// Runs one reconcile of `obj` in its own span, counts it in the metrics and
+/// clears the object's backoff when it succeeds.
+pub async fn instrumented<K: Resource<DynamicType = ()>>(
+    obj: &K,
+    ctx: &Context,
+    work: impl Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error> {
+    let span = tracing::info_span!(
+        "reconcile",
+        kind = %K::kind(&()),
+        name = %obj.name_any(),
+        namespace = %obj.namespace().unwrap_or_default(),
+        generation = obj.meta().generation.unwrap_or_default(),
+    );
+    let start = Instant::now();
+    let result = work.instrument(span).await;
+    ctx.metrics
+        .reconciled(start.elapsed(), result.as_ref().err().map(Error::category));
+    if result.is_ok() {
+        ctx.succeeded(&backoff_key(obj));
+    }
+    result
+}
+
+/// Backoff doubling from 1 s to a minute per object, with a log line.
+pub fn backoff<K: Resource<DynamicType = ()>>(obj: &K, error: &Error, ctx: &Context) -> Action {
+    let key = backoff_key(obj);
+    let (n, wait) = ctx.failed(&key);
+    tracing::warn!(
+        object = %key,
+        error = %error,
+        failures = n,
+        retry_in = ?wait,
+        "reconcile failed"
+    );
+    Action::requeue(wait)
 }
 
 pub fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {

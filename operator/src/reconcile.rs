@@ -5,15 +5,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
-use kube::{Resource, ResourceExt};
+use kube::Resource;
 use matchfleet_api::{RenderJob, RenderJobStatus};
-use tracing::Instrument;
 
 use crate::controller::{self, publish, Acted};
 use crate::observe;
@@ -22,45 +20,20 @@ use crate::resources::{InvalidOwner, Owner};
 
 pub use crate::controller::{Context, Error};
 
-fn key(job: &RenderJob) -> String {
-    format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any())
-}
-
 /// One reconcile of one RenderJob, in its own span.
 pub async fn reconcile(job: Arc<RenderJob>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let span = tracing::info_span!(
-        "reconcile",
-        name = %job.name_any(),
-        namespace = %job.namespace().unwrap_or_default(),
-        generation = job.metadata.generation.unwrap_or_default(),
-    );
-    let start = Instant::now();
-    let result = reconcile_job(&job, &ctx).instrument(span).await;
-    ctx.metrics
-        .reconciled(start.elapsed(), result.as_ref().err().map(Error::category));
-    if result.is_ok() {
-        ctx.succeeded(&key(&job));
-    }
-    result
+    controller::instrumented(job.as_ref(), &ctx, reconcile_job(&job, &ctx)).await
 }
 
 /// Backoff doubling from 1 s to a minute per RenderJob, with a log line.
 pub fn error_policy(job: Arc<RenderJob>, error: &Error, ctx: Arc<Context>) -> Action {
-    let (n, wait) = ctx.failed(&key(&job));
-    tracing::warn!(
-        renderjob = %key(&job),
-        error = %error,
-        failures = n,
-        retry_in = ?wait,
-        "reconcile failed"
-    );
-    Action::requeue(wait)
+    controller::backoff(job.as_ref(), error, &ctx)
 }
 
 async fn reconcile_job(job: &RenderJob, ctx: &Context) -> Result<Action, Error> {
     if job.metadata.deletion_timestamp.is_some() {
         // Garbage collection removes what it owns; there are no finalizers.
-        ctx.succeeded(&key(job));
+        ctx.succeeded(&controller::backoff_key(job));
         return Ok(Action::await_change());
     }
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());

@@ -4,15 +4,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
-use kube::{Resource, ResourceExt};
+use kube::Resource;
 use matchfleet_api::MatchPipeline;
-use tracing::Instrument;
 
 use super::plan::{self, PipelinePlan};
 use super::validate;
@@ -21,51 +19,20 @@ use crate::fleet::PlannedEvent;
 use crate::observe::{self, Observed};
 use crate::resources::{InvalidOwner, Owner};
 
-/// The backoff key: the kind is part of it, as a RenderJob may have the same name.
-fn key(mp: &MatchPipeline) -> String {
-    format!(
-        "MatchPipeline/{}/{}",
-        mp.namespace().unwrap_or_default(),
-        mp.name_any()
-    )
-}
-
 /// One reconcile of one MatchPipeline, in its own span.
 pub async fn reconcile(mp: Arc<MatchPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let span = tracing::info_span!(
-        "reconcile",
-        kind = "MatchPipeline",
-        name = %mp.name_any(),
-        namespace = %mp.namespace().unwrap_or_default(),
-        generation = mp.metadata.generation.unwrap_or_default(),
-    );
-    let start = Instant::now();
-    let result = reconcile_pipeline(&mp, &ctx).instrument(span).await;
-    ctx.metrics
-        .reconciled(start.elapsed(), result.as_ref().err().map(Error::category));
-    if result.is_ok() {
-        ctx.succeeded(&key(&mp));
-    }
-    result
+    controller::instrumented(mp.as_ref(), &ctx, reconcile_pipeline(&mp, &ctx)).await
 }
 
 /// Backoff doubling from 1 s to a minute per MatchPipeline, with a log line.
 pub fn error_policy(mp: Arc<MatchPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
-    let (n, wait) = ctx.failed(&key(&mp));
-    tracing::warn!(
-        matchpipeline = %key(&mp),
-        error = %error,
-        failures = n,
-        retry_in = ?wait,
-        "reconcile failed"
-    );
-    Action::requeue(wait)
+    controller::backoff(mp.as_ref(), error, &ctx)
 }
 
 async fn reconcile_pipeline(mp: &MatchPipeline, ctx: &Context) -> Result<Action, Error> {
     if mp.metadata.deletion_timestamp.is_some() {
         // Garbage collection removes what it owns; there are no finalizers.
-        ctx.succeeded(&key(mp));
+        ctx.succeeded(&controller::backoff_key(mp));
         return Ok(Action::await_change());
     }
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
@@ -438,6 +405,9 @@ mod tests {
 
     #[test]
     fn backoff_keys_tell_the_kinds_apart() {
-        assert_eq!(key(&pipeline("demo")), "MatchPipeline/ns/demo");
+        assert_eq!(
+            controller::backoff_key(&pipeline("demo")),
+            "MatchPipeline/ns/demo"
+        );
     }
 }
