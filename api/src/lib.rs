@@ -3,6 +3,7 @@
 //! names and labels both the operator and the workers use. No client code, so every binary can depend
 //! on it cheaply.
 
+pub mod feedback;
 pub mod fleet;
 pub mod match_pipeline;
 pub mod matching;

@@ -353,6 +353,9 @@ pub struct MatchPipelineStatus {
     /// Requests set aside in the dead-letter topic.
     #[serde(default)]
     pub dead_lettered: i64,
+    /// The feedback join's counters (with `spec.feedback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<FeedbackCounts>,
     /// `matched` at the last rate sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_matched: Option<i64>,
@@ -362,4 +365,28 @@ pub struct MatchPipelineStatus {
     /// The lane in detail.
     #[serde(default)]
     pub live: LaneStatus,
+}
+
+/// What the feedback join did, summed over partitions.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackCounts {
+    /// Valid outcome events read.
+    #[serde(default)]
+    pub outcomes: i64,
+    /// Matches whose outcome joined (one sample each, with its reward).
+    #[serde(default)]
+    pub joined: i64,
+    /// Matches whose TTL passed without an outcome (a `noOutcome` sample).
+    #[serde(default)]
+    pub no_outcome: i64,
+    /// Outcomes after their match's TTL.
+    #[serde(default)]
+    pub late: i64,
+    /// Outcomes for a match that had one already.
+    #[serde(default)]
+    pub duplicate: i64,
+    /// Outcomes for no known match (never made on that partition, or expired).
+    #[serde(default)]
+    pub unknown: i64,
 }

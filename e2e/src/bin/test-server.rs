@@ -7,6 +7,11 @@
 //! - `GET /fetch?url=U` fetches U from inside the pod, to test Service reachability
 //! - `GET /kube?path=P` GETs P from the API server with the pod's inferred
 //!   credentials (its ServiceAccount), answering `{"status": code, "body": ...}`
+//! - `POST /score`      a MatchPipeline HTTP scorer: takes
+//!   `{"requestIds": [...], "vectors": [[...], ...]}` and answers
+//!   `{"scores": [...]}`, the cosine of every pair (n × n, row-major), after
+//!   sleeping `SCORE_DELAY_MS` (default 0: a fast scorer; longer: a slow one);
+//!   400 if the vectors do not match the ids or each other in length
 //!
 //! `CRASH_AFTER_MS` makes it exit with code 3 after that long (a crashing
 //! container); `IGNORE_SIGTERM=1` makes it ignore SIGTERM (to test SIGKILL
@@ -16,8 +21,13 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use warp::http::StatusCode;
 use warp::Filter;
+
+/// Bodies larger than this are refused: a window of a few thousand
+/// 32-dimensional vectors is well below it.
+const MAX_SCORE_BODY: u64 = 64 * 1024 * 1024;
 
 fn env_ms(name: &str) -> Option<Duration> {
     std::env::var(name)
@@ -92,7 +102,30 @@ async fn main() {
             let (status, body) = kube_get(&path).await;
             warp::reply::json(&serde_json::json!({"status": status, "body": body}))
         });
-    let routes = warp::get().and(identity.or(healthz).or(readyz).or(env).or(fetch).or(kube));
+    let score_delay = env_ms("SCORE_DELAY_MS").unwrap_or_default();
+    let score = warp::post()
+        .and(warp::path("score"))
+        .and(warp::path::end())
+        .and(warp::body::content_length_limit(MAX_SCORE_BODY))
+        .and(warp::body::json())
+        .then(move |request: ScoreRequest| async move {
+            tokio::time::sleep(score_delay).await;
+            match request.scores() {
+                Some(scores) => warp::reply::with_status(
+                    warp::reply::json(&serde_json::json!({ "scores": scores })),
+                    StatusCode::OK,
+                ),
+                None => warp::reply::with_status(
+                    warp::reply::json(&serde_json::json!({
+                        "error": "every request id needs one vector, all of one length"
+                    })),
+                    StatusCode::BAD_REQUEST,
+                ),
+            }
+        });
+    let routes = warp::get()
+        .and(identity.or(healthz).or(readyz).or(env).or(fetch).or(kube))
+        .or(score);
 
     let addr = SocketAddr::new(ip, port);
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -124,6 +157,45 @@ async fn main() {
         .await;
 }
 
+/// A window to score, as MatchPipeline workers send it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ScoreRequest {
+    request_ids: Vec<String>,
+    vectors: Vec<Vec<f32>>,
+}
+
+impl ScoreRequest {
+    /// The cosine of every pair, n × n row-major in the order of the ids;
+    /// None when the vectors do not match the ids or each other in length.
+    fn scores(&self) -> Option<Vec<f32>> {
+        let n = self.request_ids.len();
+        let dimension = self.vectors.first().map_or(0, Vec::len);
+        if self.vectors.len() != n || self.vectors.iter().any(|v| v.len() != dimension) {
+            return None;
+        }
+        let norms: Vec<f32> = self.vectors.iter().map(|v| dot(v, v).sqrt()).collect();
+        let mut scores = Vec::with_capacity(n * n);
+        for (a, norm_a) in self.vectors.iter().zip(&norms) {
+            for (b, norm_b) in self.vectors.iter().zip(&norms) {
+                let denominator = norm_a * norm_b;
+                // A zero vector points nowhere: it is like nothing.
+                let cosine = if denominator > 0.0 {
+                    dot(a, b) / denominator
+                } else {
+                    0.0
+                };
+                scores.push(cosine);
+            }
+        }
+        Some(scores)
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 /// A GET to the API server as an in-cluster client would make it.
 async fn kube_get(path: &str) -> (u16, String) {
     let client = match kube::Client::try_default().await {
@@ -138,5 +210,52 @@ async fn kube_get(path: &str) -> (u16, String) {
         Ok(body) => (200, body),
         Err(kube::Error::Api(e)) => (e.code, e.message),
         Err(e) => (0, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(vectors: Vec<Vec<f32>>) -> ScoreRequest {
+        ScoreRequest {
+            request_ids: (0..vectors.len()).map(|i| format!("r{i}")).collect(),
+            vectors,
+        }
+    }
+
+    #[test]
+    fn scores_every_pair_by_cosine_row_major() {
+        let scores = request(vec![vec![1.0, 0.0], vec![0.0, 2.0], vec![-3.0, 0.0]])
+            .scores()
+            .expect("well-formed");
+        #[rustfmt::skip]
+        let expected = [
+            1.0, 0.0, -1.0,
+            0.0, 1.0, 0.0,
+            -1.0, 0.0, 1.0,
+        ];
+        assert_eq!(scores.len(), expected.len());
+        for (got, want) in scores.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{scores:?}");
+        }
+    }
+
+    #[test]
+    fn zero_vectors_score_zero_and_empty_windows_nothing() {
+        let scores = request(vec![vec![0.0, 0.0], vec![1.0, 1.0]])
+            .scores()
+            .expect("well-formed");
+        assert_eq!(scores[..3], [0.0, 0.0, 0.0]);
+        assert!((scores[3] - 1.0).abs() < 1e-6, "{scores:?}");
+        assert_eq!(request(vec![]).scores(), Some(vec![]));
+    }
+
+    #[test]
+    fn mismatched_vectors_are_refused() {
+        assert_eq!(request(vec![vec![1.0], vec![1.0, 0.0]]).scores(), None);
+        let mut missing = request(vec![vec![1.0]]);
+        missing.request_ids.push("r1".into());
+        assert_eq!(missing.scores(), None);
     }
 }

@@ -12,6 +12,7 @@ use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
+use super::feedback::PlannedOutcome;
 use super::generate::{Generator, LoadOptions, Malformed, OptionsError};
 use super::pace::TokenBucket;
 
@@ -239,6 +240,115 @@ fn settle(sent: &mut [SentRequest], (index, result): Delivered) -> Result<(), Lo
         }),
         Err(_) => Err(LoadError::Cancelled {
             request_id: request.request_id.clone(),
+        }),
+    }
+}
+
+/// What sending a plan of outcomes took.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SentOutcomes {
+    pub sent: usize,
+    /// From the first send to the last delivery.
+    pub elapsed_millis: u64,
+    /// Wall clock (ms since the epoch) when Kafka had the last one: the test
+    /// compares it with the matches' deadlines.
+    pub finished_at_millis: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutcomeSendError {
+    #[error(transparent)]
+    Setup(#[from] LoadError),
+    #[error("kafka producer: {0}")]
+    Producer(#[source] KafkaError),
+    #[error("the outcome for match {match_id} was not delivered: {error}")]
+    Delivery {
+        match_id: String,
+        #[source]
+        error: KafkaError,
+    },
+    #[error("the outcome for match {match_id}: the producer went away before confirming delivery")]
+    Cancelled { match_id: String },
+}
+
+/// Sends outcomes to `topic`, each to its planned partition, keyed by its
+/// segment, in plan order, and waits until Kafka has all of them. The
+/// producer is idempotent, which keeps each partition in send order through
+/// retries: the join's result depends on that order.
+pub async fn send_outcomes(
+    bootstrap: &str,
+    topic: &str,
+    outcomes: &[PlannedOutcome],
+) -> Result<SentOutcomes, OutcomeSendError> {
+    let producer = load_producer(bootstrap)?;
+    let started = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for (index, planned) in outcomes.iter().enumerate() {
+        // A MatchOutcome is plain data: serialising it cannot fail.
+        let payload = serde_json::to_vec(&planned.outcome).unwrap_or_default();
+        let mut record = FutureRecord::to(topic)
+            .partition(planned.partition)
+            .key(&planned.outcome.segment)
+            .payload(&payload);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery.map(move |result| (index, result)));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    match pending.next().await {
+                        Some(done) => delivered(outcomes, done)?,
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                Err((error, _)) => return Err(OutcomeSendError::Producer(error)),
+            }
+        }
+        while pending.len() >= MAX_IN_FLIGHT {
+            if let Some(done) = pending.next().await {
+                delivered(outcomes, done)?;
+            }
+        }
+    }
+    while let Some(done) = pending.next().await {
+        delivered(outcomes, done)?;
+    }
+    let elapsed = started.elapsed();
+    tracing::info!(
+        topic,
+        sent = outcomes.len(),
+        elapsed_ms = elapsed.as_millis() as u64,
+        "outcomes sent"
+    );
+    Ok(SentOutcomes {
+        sent: outcomes.len(),
+        elapsed_millis: elapsed.as_millis() as u64,
+        finished_at_millis: wall_clock_millis(),
+    })
+}
+
+/// Fails the send if an outcome was not delivered.
+fn delivered(
+    outcomes: &[PlannedOutcome],
+    (index, result): Delivered,
+) -> Result<(), OutcomeSendError> {
+    let match_id = || {
+        outcomes
+            .get(index)
+            .map(|o| o.outcome.match_id.clone())
+            .unwrap_or_default()
+    };
+    match result {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((error, _))) => Err(OutcomeSendError::Delivery {
+            match_id: match_id(),
+            error,
+        }),
+        Err(_) => Err(OutcomeSendError::Cancelled {
+            match_id: match_id(),
         }),
     }
 }

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+use matchfleet_api::feedback::FeedbackSample;
 use matchfleet_api::match_pipeline::MatchPipelineSpec;
 use matchfleet_api::matching::MatchResult;
 use rdkafka::config::ClientConfig;
@@ -19,6 +20,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::check::{
     check, classify, CheckConfig, Classified, DeadLetterRecord, InputRecord, ResultRecord,
 };
+use super::feedback::RewardRecord;
 use super::report::Report;
 
 /// Where the run is and how patient to be.
@@ -117,6 +119,119 @@ pub fn check_topics(options: &CheckOptions) -> Result<Report, ReadError> {
 
 pub async fn check_topics_async(options: CheckOptions) -> Result<Report, ReadError> {
     tokio::task::spawn_blocking(move || check_topics(&options))
+        .await
+        .map_err(|e| ReadError::Task(e.to_string()))?
+}
+
+/// As [`check_topics`], also handing back the results it read: the feedback
+/// test joins its outcomes to exactly the matches the checker verified.
+pub fn check_topics_keeping_results(
+    options: &CheckOptions,
+) -> Result<(Report, Vec<ResultRecord>), ReadError> {
+    let inputs = read_requests(
+        &options.bootstrap,
+        &options.requests_topic,
+        options.idle_timeout,
+    )?;
+    let classified = classify(&inputs, options.config.dimension);
+    let outcomes = read_outcomes(options, &classified)?;
+    let mut config = options.config.clone();
+    config
+        .source_topic
+        .get_or_insert_with(|| options.requests_topic.clone());
+    let report = check(
+        &inputs,
+        &outcomes.results,
+        outcomes.dead_letters.as_deref(),
+        &config,
+    );
+    Ok((report, outcomes.results))
+}
+
+pub async fn check_topics_keeping_results_async(
+    options: CheckOptions,
+) -> Result<(Report, Vec<ResultRecord>), ReadError> {
+    tokio::task::spawn_blocking(move || check_topics_keeping_results(&options))
+        .await
+        .map_err(|e| ReadError::Task(e.to_string()))?
+}
+
+/// Where the feedback join's samples are, which ones must come, and how long
+/// to wait for them.
+#[derive(Clone, Debug)]
+pub struct RewardsOptions {
+    pub bootstrap: String,
+    pub topic: String,
+    /// Match ids that must each get a sample.
+    pub awaited: HashSet<String>,
+    /// Read on at least until then, even once every awaited sample is in: a
+    /// second sample for a match (say, written when its state expires) must
+    /// be seen too.
+    pub read_until: Instant,
+    /// Stop waiting then; what is missing is for the comparison to report.
+    pub give_up_at: Instant,
+}
+
+/// Reads the rewards topic from the beginning (committed records only) until
+/// every awaited match has a sample and `read_until` has passed, then up to
+/// the ends the topic has at that moment; or until `give_up_at`. Blocking:
+/// from async code use [`read_rewards_async`].
+pub fn read_rewards(options: &RewardsOptions) -> Result<Vec<RewardRecord>, ReadError> {
+    let consumer = reader(&options.bootstrap)?;
+    // The workers create the topic; it may take them a moment.
+    let patience = options.give_up_at.saturating_duration_since(Instant::now());
+    let tps: Vec<Tp> = partitions(&consumer, &options.topic, patience)?
+        .into_iter()
+        .map(|p| (options.topic.clone(), p))
+        .collect();
+    assign_from_start(&consumer, &tps)?;
+    let mut awaited: HashSet<&str> = options.awaited.iter().map(String::as_str).collect();
+    let mut records = Vec::new();
+    let mut progress = EndTracker::default();
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                progress.advance((m.topic().to_string(), m.partition()), m.offset() + 1);
+                let sample = match m.payload() {
+                    Some(p) if !p.is_empty() => {
+                        serde_json::from_slice::<FeedbackSample>(p).map_err(|e| e.to_string())
+                    }
+                    _ => Err("no value".to_string()),
+                };
+                if let Ok(s) = &sample {
+                    awaited.remove(s.match_id.as_str());
+                }
+                records.push(RewardRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    sample,
+                });
+            }
+            Some(Err(e)) => tracing::warn!(topic = %options.topic, error = %e, "consumer error"),
+            None => progress.observe_positions(&consumer.position()?),
+        }
+        let now = Instant::now();
+        if awaited.is_empty() && now >= options.read_until && !progress.has_ends() {
+            progress.set_ends(watermarks(&consumer, &tps)?);
+        }
+        if progress.reached() {
+            break;
+        }
+        if now >= options.give_up_at {
+            tracing::warn!(
+                missing = awaited.len(),
+                read = records.len(),
+                "stopped waiting for feedback samples"
+            );
+            break;
+        }
+    }
+    Ok(records)
+}
+
+pub async fn read_rewards_async(options: RewardsOptions) -> Result<Vec<RewardRecord>, ReadError> {
+    tokio::task::spawn_blocking(move || read_rewards(&options))
         .await
         .map_err(|e| ReadError::Task(e.to_string()))?
 }

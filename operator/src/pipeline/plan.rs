@@ -119,6 +119,10 @@ pub fn plan(mp: &MatchPipeline, owner: &Owner, obs: &Observed) -> PipelinePlan {
         matched: prev.matched.max(seen.map_or(0, |c| c.matched)),
         expired: prev.expired.max(seen.map_or(0, |c| c.expired)),
         dead_lettered: prev.dead_lettered.max(seen.map_or(0, |c| c.dead_lettered)),
+        feedback: rate::feedback_max(
+            prev.feedback.unwrap_or_default(),
+            seen.map(|c| c.feedback).unwrap_or_default(),
+        ),
     };
     let (last_matched, last_sample_time, matches_per_second) =
         match seen.filter(|c| c.matched >= prev.matched) {
@@ -165,7 +169,7 @@ pub fn plan(mp: &MatchPipeline, owner: &Owner, obs: &Observed) -> PipelinePlan {
         events.push(PlannedEvent::warning(
             "RequestsDeadLettered",
             format!(
-                "{} malformed requests set aside in {} ({} new); their reason is in a header",
+                "{} malformed requests or outcomes set aside in {} ({} new); their reason is in a header",
                 counters.dead_lettered,
                 pipeline_resources::dead_letter_topic(spec),
                 counters.dead_lettered - prev.dead_lettered
@@ -191,6 +195,7 @@ pub fn plan(mp: &MatchPipeline, owner: &Owner, obs: &Observed) -> PipelinePlan {
         matched: counters.matched,
         expired: counters.expired,
         dead_lettered: counters.dead_lettered,
+        feedback: spec.feedback.as_ref().map(|_| counters.feedback),
         last_matched,
         last_sample_time,
         live: LaneStatus {

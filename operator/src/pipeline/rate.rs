@@ -4,6 +4,7 @@
 //! service shows each lease's last report. The status sums the live lane's,
 //! and derives the rate from `matched` between reconciles, smoothed.
 
+use matchfleet_api::match_pipeline::FeedbackCounts;
 use matchfleet_api::progress::ProgressStatus;
 
 use crate::fleet::to_i64;
@@ -29,12 +30,35 @@ const STALE_MILLIS: i64 = 60_000;
 /// idle pipeline's status stops changing.
 const IDLE_RATE: f64 = 0.05;
 
+/// The feedback join's counter names, in the order of [`FeedbackCounts`]'s fields.
+const FEEDBACK: [&str; 6] = [
+    "outcomes",
+    "joined",
+    "noOutcome",
+    "outcomesLate",
+    "outcomesDuplicate",
+    "outcomesUnknown",
+];
+
 /// The live lane's counters, summed over its partitions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
     pub matched: i64,
     pub expired: i64,
     pub dead_lettered: i64,
+    pub feedback: FeedbackCounts,
+}
+
+/// `a` with each count raised to `b`'s where that is higher: counters never go back.
+pub fn feedback_max(a: FeedbackCounts, b: FeedbackCounts) -> FeedbackCounts {
+    FeedbackCounts {
+        outcomes: a.outcomes.max(b.outcomes),
+        joined: a.joined.max(b.joined),
+        no_outcome: a.no_outcome.max(b.no_outcome),
+        late: a.late.max(b.late),
+        duplicate: a.duplicate.max(b.duplicate),
+        unknown: a.unknown.max(b.unknown),
+    }
 }
 
 /// The sums over the live lane's leases of what their holders last reported.
@@ -50,6 +74,14 @@ pub fn live_counters(status: &ProgressStatus) -> Counters {
         out.matched = out.matched.saturating_add(get(MATCHED));
         out.expired = out.expired.saturating_add(get(EXPIRED));
         out.dead_lettered = out.dead_lettered.saturating_add(get(DEAD_LETTERED));
+        let f = &mut out.feedback;
+        let [o, j, n, l, d, u] = FEEDBACK.map(get);
+        f.outcomes = f.outcomes.saturating_add(o);
+        f.joined = f.joined.saturating_add(j);
+        f.no_outcome = f.no_outcome.saturating_add(n);
+        f.late = f.late.saturating_add(l);
+        f.duplicate = f.duplicate.saturating_add(d);
+        f.unknown = f.unknown.saturating_add(u);
     }
     out
 }
@@ -129,7 +161,15 @@ mod tests {
                     "live".to_string(),
                     [
                         (0, lease(&[("matched", 10), ("expired", 2)])),
-                        (1, lease(&[("matched", 5), ("deadLettered", 1)])),
+                        (
+                            1,
+                            lease(&[
+                                ("matched", 5),
+                                ("deadLettered", 1),
+                                ("joined", 4),
+                                ("outcomes", 6),
+                            ]),
+                        ),
                         (2, lease(&[])),
                     ]
                     .into(),
@@ -147,7 +187,12 @@ mod tests {
             Counters {
                 matched: 15,
                 expired: 2,
-                dead_lettered: 1
+                dead_lettered: 1,
+                feedback: FeedbackCounts {
+                    outcomes: 6,
+                    joined: 4,
+                    ..Default::default()
+                },
             }
         );
         assert_eq!(

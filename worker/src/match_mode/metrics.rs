@@ -18,6 +18,8 @@ pub struct MatchMetrics {
     pub http_scorer_fallbacks: AtomicU64,
     pub nudges_sent: AtomicU64,
     pub ingested_http: AtomicU64,
+    pub outcomes: AtomicU64,
+    pub samples: AtomicU64,
 }
 
 impl MatchMetrics {
@@ -36,8 +38,18 @@ impl MatchMetrics {
             ),
             (
                 "dead_lettered_total",
-                "Malformed requests sent to the dead-letter topic.",
+                "Malformed requests and outcomes sent to the dead-letter topic.",
                 get(&self.dead_lettered),
+            ),
+            (
+                "outcomes_total",
+                "Valid outcome events read (feedback join).",
+                get(&self.outcomes),
+            ),
+            (
+                "feedback_samples_total",
+                "Labelled samples committed to the rewards topic.",
+                get(&self.samples),
             ),
             (
                 "windows_closed_total",

@@ -26,7 +26,7 @@ use crate::fleet::keeper::LeaseKeeper;
 use crate::matching::EngineConfig;
 use crate::topics::{self, Retention};
 use metrics::MatchMetrics;
-use txn::Topics;
+use txn::{FeedbackTopics, Topics};
 
 #[derive(Debug, Clone, Args)]
 pub struct MatchArgs {
@@ -104,7 +104,7 @@ pub async fn run(args: MatchArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("MATCH_SETTINGS is not valid pipeline settings: {e}"))?;
     let engine_config = EngineConfig::from_settings(&settings)
         .map_err(|e| anyhow::anyhow!("MATCH_SETTINGS: {e}"))?;
-    let topics = prepare_topics(&args).await?;
+    let topics = prepare_topics(&args, &settings).await?;
     let ingest = Arc::new(http::Ingest::new(
         &args.bootstrap_servers,
         &args.topic,
@@ -180,10 +180,11 @@ pub async fn run(args: MatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the results, state and dead-letter topics if missing. The state
-/// topic needs a partition per source partition: partition p's state lives
-/// in its partition p.
-async fn prepare_topics(args: &MatchArgs) -> anyhow::Result<Topics> {
+/// Creates the results, state and dead-letter topics (and the feedback
+/// join's) if missing. The state topic needs a partition per source
+/// partition: partition p's state lives in its partition p; so does the
+/// outcome topic: partition p's outcomes are joined by partition p's owner.
+async fn prepare_topics(args: &MatchArgs, settings: &MatchSettings) -> anyhow::Result<Topics> {
     let bootstrap = args.bootstrap_servers.as_str();
     let partitions = topics::partition_count_async(bootstrap, &args.topic).await?;
     let dead_letters = args
@@ -216,11 +217,34 @@ async fn prepare_topics(args: &MatchArgs) -> anyhow::Result<Topics> {
         );
     }
     let results_partitions = topics::partition_count_async(bootstrap, &args.results_topic).await?;
+    let feedback = match &settings.feedback {
+        None => None,
+        Some(f) => {
+            topics::ensure(bootstrap, &f.topic, partitions, Retention::Delete).await?;
+            topics::ensure(bootstrap, &f.rewards_topic, partitions, Retention::Delete).await?;
+            let outcome_partitions = topics::partition_count_async(bootstrap, &f.topic).await?;
+            if outcome_partitions != partitions {
+                anyhow::bail!(
+                    "feedback topic {} has {outcome_partitions} partitions, {} has {partitions}: \
+                     outcomes are joined on the partition of their match, so both need the same count",
+                    f.topic,
+                    args.topic
+                );
+            }
+            Some(FeedbackTopics {
+                outcomes: f.topic.clone(),
+                samples: f.rewards_topic.clone(),
+                samples_partitions: topics::partition_count_async(bootstrap, &f.rewards_topic)
+                    .await?,
+            })
+        }
+    };
     Ok(Topics {
         source: args.topic.clone(),
         results: args.results_topic.clone(),
         results_partitions,
         changelog: args.changelog_topic.clone(),
         dead_letters,
+        feedback,
     })
 }

@@ -1,13 +1,15 @@
 //! The work on one leased partition: fence the previous owner, restore the
-//! state, then read requests from the committed offset and commit each step
-//! (results + state changes + dead letters + offset) in one transaction,
-//! only while the lease guard is valid.
+//! state, then read requests (and, with a feedback join, the outcome events
+//! of the same partition number) from the committed offsets and commit each
+//! step (results + samples + state changes + dead letters + offsets) in one
+//! transaction, only while the lease guard is valid.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use matchfleet_api::feedback::{parse_outcome, FeedbackSample};
 use matchfleet_api::matching::{parse_request, MatchResult};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -22,7 +24,7 @@ use super::txn::{Commit, OwnedLetter, Transactions};
 use super::MatchWorker;
 use crate::fleet::guard::LeaseGuard;
 use crate::fleet::keeper::{PartitionWorker, WorkEnd};
-use crate::matching::PartitionEngine;
+use crate::matching::{OutcomeFate, PartitionEngine};
 
 /// Requests taken from the consumer's queue at once before windows are checked.
 const BURST: usize = 512;
@@ -52,9 +54,12 @@ impl PartitionWorker for MatchWorker {
 #[derive(Default)]
 struct Uncommitted {
     results: Vec<MatchResult>,
+    samples: Vec<FeedbackSample>,
     letters: Vec<OwnedLetter>,
-    /// The next offset to read, once anything was read.
+    /// The next request offset to read, once any request was read.
     next_offset: Option<i64>,
+    /// The same for outcome events.
+    next_outcome_offset: Option<i64>,
     /// Whether anything was read since the last commit.
     read: bool,
 }
@@ -80,6 +85,9 @@ impl MatchWorker {
         let mut tpl = TopicPartitionList::new();
         // `Stored`: the offset the last committed transaction left (earliest if none).
         tpl.add_partition_offset(&self.topics.source, partition, Offset::Stored)?;
+        if let Some(f) = &self.topics.feedback {
+            tpl.add_partition_offset(&f.outcomes, partition, Offset::Stored)?;
+        }
         consumer.assign(&tpl)?;
         Ok(consumer)
     }
@@ -166,7 +174,10 @@ impl MatchWorker {
                 MatchMetrics::add(&self.metrics.windows_closed, due.len() as u64);
                 pending.results.extend(engine.close(now, &external));
             }
-            let settled = !pending.results.is_empty() || !pending.letters.is_empty();
+            pending.samples.extend(engine.settle_feedback(now));
+            let settled = !pending.results.is_empty()
+                || !pending.samples.is_empty()
+                || !pending.letters.is_empty();
             let stale = pending.read && last_commit.elapsed() >= self.commit_interval;
             if settled || stale || (releasing && pending.read) {
                 if !guard.valid() {
@@ -203,8 +214,13 @@ impl MatchWorker {
             }
         };
         let offset = msg.offset();
-        pending.next_offset = Some(offset + 1);
         pending.read = true;
+        if msg.topic() != self.topics.source {
+            pending.next_outcome_offset = Some(offset + 1);
+            self.take_outcome(engine, pending, &msg);
+            return;
+        }
+        pending.next_offset = Some(offset + 1);
         let parsed = parse_request(msg.key(), msg.payload(), engine.config().dimension())
             .map_err(|e| e.to_string())
             .and_then(|req| engine.ingest(req, wall_millis()).map_err(|e| e.to_string()));
@@ -217,9 +233,45 @@ impl MatchWorker {
                 warn!(offset, %reason, "malformed request to the dead-letter topic");
                 engine.record_dead_letter();
                 pending.letters.push(OwnedLetter {
+                    topic: msg.topic().to_string(),
                     key: msg.key().map(<[u8]>::to_vec),
                     value: msg.payload().map(<[u8]>::to_vec),
                     offset,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Joins one outcome event, or sets it aside in the dead letters.
+    fn take_outcome(
+        &self,
+        engine: &mut PartitionEngine,
+        pending: &mut Uncommitted,
+        msg: &BorrowedMessage<'_>,
+    ) {
+        let fate = parse_outcome(msg.key(), msg.payload())
+            .map_err(|e| e.to_string())
+            .and_then(|o| {
+                engine
+                    .ingest_outcome(o, wall_millis())
+                    .map_err(|e| e.to_string())
+            });
+        match fate {
+            Ok(fate) => {
+                MatchMetrics::add(&self.metrics.outcomes, 1);
+                if let OutcomeFate::Joined(sample) = fate {
+                    pending.samples.push(*sample);
+                }
+            }
+            Err(reason) => {
+                warn!(offset = msg.offset(), %reason, "malformed outcome to the dead-letter topic");
+                engine.record_dead_letter();
+                pending.letters.push(OwnedLetter {
+                    topic: msg.topic().to_string(),
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    offset: msg.offset(),
                     reason,
                 });
             }
@@ -238,7 +290,10 @@ impl MatchWorker {
         // None when windows closed (idle) before anything was read under this
         // lease: the input offset stays where the last owner committed it.
         let next_offset = pending.next_offset;
+        let next_outcome_offset = pending.next_outcome_offset;
         let results = std::mem::take(&mut pending.results);
+        let samples = std::mem::take(&mut pending.samples);
+        let labelled = samples.len() as u64;
         let (matched, expired) = results.iter().fold((0, 0), |(m, e), r| match r {
             MatchResult::Matched { .. } => (m + 1, e),
             MatchResult::Expired { .. } => (m, e + 1),
@@ -248,9 +303,14 @@ impl MatchWorker {
                 .iter()
                 .map(|r| (result_key(r), serde_json::to_vec(r).unwrap_or_default()))
                 .collect(),
+            samples: samples
+                .iter()
+                .map(|s| (s.segment.clone(), serde_json::to_vec(s).unwrap_or_default()))
+                .collect(),
             changes: engine.take_changes(),
             letters: std::mem::take(&mut pending.letters),
             next_offset,
+            next_outcome_offset,
         };
         let letters = commit.letters.len() as u64;
         let started = Instant::now();
@@ -268,6 +328,7 @@ impl MatchWorker {
                 MatchMetrics::add(&self.metrics.matched, matched);
                 MatchMetrics::add(&self.metrics.expired, expired);
                 MatchMetrics::add(&self.metrics.dead_lettered, letters);
+                MatchMetrics::add(&self.metrics.samples, labelled);
                 pending.read = false;
                 if let Some(next) = next_offset {
                     guard.set_committed(next);

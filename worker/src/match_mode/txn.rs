@@ -1,5 +1,6 @@
 //! One Kafka transaction per commit of a partition's work: its results, its
-//! state changes, its dead letters and the input offset, all or nothing.
+//! state changes, its feedback samples, its dead letters and the input
+//! offsets (requests and outcomes), all or nothing.
 //! The transactional.id follows the partition (`<prefix>.<partition>`), so
 //! when the partition changes owner the new owner's `init_transactions`
 //! fences the old one at the broker - the pattern for `assign()` consumers,
@@ -18,6 +19,8 @@ use crate::dead_letters::Letter;
 
 /// How long one transactional call may block.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a commit checks whether its records have been acknowledged.
+const DELIVERY_POLL: Duration = Duration::from_millis(1);
 
 /// Where a partition's records go.
 #[derive(Debug, Clone)]
@@ -28,11 +31,25 @@ pub struct Topics {
     pub results_partitions: i32,
     pub changelog: String,
     pub dead_letters: String,
+    /// The feedback join's topics, when the pipeline has one.
+    pub feedback: Option<FeedbackTopics>,
+}
+
+/// Where outcome events come from and samples go.
+#[derive(Debug, Clone)]
+pub struct FeedbackTopics {
+    /// Outcome events; partition p is read with request partition p.
+    pub outcomes: String,
+    pub samples: String,
+    /// Partitions of the samples topic (samples go to `partition % this`).
+    pub samples_partitions: i32,
 }
 
 /// A malformed record, owned so it can cross into the blocking commit.
 #[derive(Debug, Clone)]
 pub struct OwnedLetter {
+    /// The topic it was read from (requests or outcomes).
+    pub topic: String,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub offset: i64,
@@ -44,11 +61,15 @@ pub struct OwnedLetter {
 pub struct Commit {
     /// (key, value) of each result.
     pub results: Vec<(String, Vec<u8>)>,
+    /// (key, value) of each feedback sample.
+    pub samples: Vec<(String, Vec<u8>)>,
     pub changes: Vec<(String, Option<Vec<u8>>)>,
     pub letters: Vec<OwnedLetter>,
-    /// The next input offset to read, committed with the transaction (None:
-    /// nothing was read since the last commit that moved it).
+    /// The next request offset to read, committed with the transaction
+    /// (None: nothing was read since the last commit that moved it).
     pub next_offset: Option<i64>,
+    /// The same for the outcome events.
+    pub next_outcome_offset: Option<i64>,
 }
 
 pub struct Transactions {
@@ -71,12 +92,15 @@ impl Transactions {
             .set("transactional.id", transactional_id)
             .set("transaction.timeout.ms", "60000")
             .set("linger.ms", "1")
-            // The next transaction's AddPartitionsToTxn is refused with
-            // CONCURRENT_TRANSACTIONS until the broker has written the last
-            // one's markers; librdkafka retries after retry.backoff.ms (100 ms
-            // by default), which would cap a partition at a few commits/s.
-            .set("retry.backoff.ms", "5")
-            .set("retry.backoff.max.ms", "50")
+            // The next transaction's AddPartitionsToTxn and AddOffsetsToTxn are
+            // refused with CONCURRENT_TRANSACTIONS until the coordinator has
+            // written the last one's markers (2-3 ms on the local broker);
+            // librdkafka retries after retry.backoff.ms (100 ms by default,
+            // doubling up to retry.backoff.max.ms). A short constant backoff
+            // costs one or two refused requests per commit and keeps the wait
+            // within 2 ms of the markers (5 ms doubling to 50 ms: ~8 ms).
+            .set("retry.backoff.ms", "2")
+            .set("retry.backoff.max.ms", "2")
             .set("queue.buffering.max.messages", "1000000")
             .create()?;
         let producer = Arc::new(producer);
@@ -102,6 +126,9 @@ impl Transactions {
         if let Some(next) = commit.next_offset {
             offsets.add_partition_offset(&topics.source, partition, Offset::Offset(next))?;
         }
+        if let (Some(next), Some(f)) = (commit.next_outcome_offset, &topics.feedback) {
+            offsets.add_partition_offset(&f.outcomes, partition, Offset::Offset(next))?;
+        }
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             producer.begin_transaction()?;
@@ -112,6 +139,7 @@ impl Transactions {
                     }
                     producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
                 })
+                .and_then(|()| wait_delivered(&producer, CALL_TIMEOUT))
                 .and_then(|()| producer.commit_transaction(CALL_TIMEOUT));
             tracing::debug!(
                 micros = started.elapsed().as_micros() as u64,
@@ -156,6 +184,18 @@ fn write_all(
                 .payload(value.as_slice()),
         )?;
     }
+    if let Some(f) = &topics.feedback {
+        let samples_partition = partition % f.samples_partitions.max(1);
+        for (key, value) in &commit.samples {
+            send(
+                producer,
+                BaseRecord::to(&f.samples)
+                    .partition(samples_partition)
+                    .key(key.as_bytes())
+                    .payload(value.as_slice()),
+            )?;
+        }
+    }
     for (key, value) in &commit.changes {
         let mut record = BaseRecord::<[u8], [u8]>::to(&topics.changelog)
             .partition(partition)
@@ -173,7 +213,7 @@ fn write_all(
             offset: letter.offset,
             reason: &letter.reason,
         }
-        .headers(&topics.source);
+        .headers(&letter.topic);
         let mut record = BaseRecord::<[u8], [u8]>::to(&topics.dead_letters).headers(headers);
         if let Some(k) = &letter.key {
             record = record.key(k.as_slice());
@@ -182,6 +222,30 @@ fn write_all(
             record = record.payload(v.as_slice());
         }
         send(producer, record)?;
+    }
+    Ok(())
+}
+
+/// Waits until every record handed to the producer has been acknowledged.
+///
+/// rust-rdkafka's `commit_transaction` flushes first, and that flush waits for
+/// records in flight by polling the producer's event queue for up to 100 ms at
+/// a time. A `ThreadedProducer`'s own thread serves that queue, so the flush
+/// never sees the delivery reports it waits for and sleeps the full 100 ms
+/// whenever a record is still in flight - most commits, since the records
+/// wait for AddPartitionsToTxn (see `retry.backoff.ms`). Waiting here in 1 ms
+/// steps leaves the flush nothing to wait for: a commit then takes a few
+/// milliseconds instead of ~100.
+fn wait_delivered(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + timeout;
+    while producer.in_flight_count() > 0 {
+        if std::time::Instant::now() >= deadline {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        std::thread::sleep(DELIVERY_POLL);
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! | `s/<segment>` | [`SegmentRecord`]: end of the last closed window, bandit posteriors, arms chosen for open windows | it changed |
 //! | `r/<requestId>` | [`RequestRecord`]: a pending request, its window and windows waited | pending at a `take_changes` |
 //! | `c/["<userA>","<userB>"]` | [`CooldownRecord`]: a pair's cooldown deadline | in cooldown at a `take_changes` |
+//! | `j/<matchId>` | [`JoinRecord`]: a match waiting for (or holding) its outcome until its deadline | known at a `take_changes` |
 //!
 //! A settled request or expired cooldown that was written is tombstoned
 //! (value `None`); one that came and went between two `take_changes` never
@@ -20,12 +21,14 @@ use thiserror::Error;
 
 use super::bandit::ArmStats;
 use super::cooldown::UserPair;
+use super::feedback::JoinRecord;
 use super::window::EventClock;
 
 pub const META_KEY: &str = "m";
 const SEGMENT_PREFIX: &str = "s/";
 const REQUEST_PREFIX: &str = "r/";
 const COOLDOWN_PREFIX: &str = "c/";
+const JOIN_PREFIX: &str = "j/";
 
 pub fn segment_key(segment: &str) -> String {
     format!("{SEGMENT_PREFIX}{segment}")
@@ -35,13 +38,18 @@ pub fn request_key(request_id: &str) -> String {
     format!("{REQUEST_PREFIX}{request_id}")
 }
 
+pub fn join_key(match_id: &str) -> String {
+    format!("{JOIN_PREFIX}{match_id}")
+}
+
 pub fn cooldown_key(pair: &UserPair) -> String {
     // Serialising two strings cannot fail.
     let users = serde_json::to_string(&[&pair.0, &pair.1]).unwrap_or_default();
     format!("{COOLDOWN_PREFIX}{users}")
 }
 
-/// The engine's cumulative counters.
+/// The engine's cumulative counters. The feedback ones default to 0 so
+/// state written before the join existed still restores.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Counters {
@@ -49,6 +57,24 @@ pub struct Counters {
     pub matched: u64,
     pub expired: u64,
     pub dead_lettered: u64,
+    /// Valid outcome events read.
+    #[serde(default)]
+    pub outcomes: u64,
+    /// Outcomes joined to their match (one per match at most).
+    #[serde(default)]
+    pub joined: u64,
+    /// Outcomes after their match's deadline.
+    #[serde(default)]
+    pub outcomes_late: u64,
+    /// Outcomes for a match already joined.
+    #[serde(default)]
+    pub outcomes_duplicate: u64,
+    /// Outcomes for no match of the partition (never made here, or expired).
+    #[serde(default)]
+    pub outcomes_unknown: u64,
+    /// Matches whose deadline passed without an outcome.
+    #[serde(default)]
+    pub no_outcome: u64,
 }
 
 impl Counters {
@@ -58,6 +84,12 @@ impl Counters {
             ("matched".to_string(), self.matched),
             ("expired".to_string(), self.expired),
             ("deadLettered".to_string(), self.dead_lettered),
+            ("outcomes".to_string(), self.outcomes),
+            ("joined".to_string(), self.joined),
+            ("outcomesLate".to_string(), self.outcomes_late),
+            ("outcomesDuplicate".to_string(), self.outcomes_duplicate),
+            ("outcomesUnknown".to_string(), self.outcomes_unknown),
+            ("noOutcome".to_string(), self.no_outcome),
         ])
     }
 }
@@ -68,6 +100,9 @@ pub struct MetaRecord {
     pub clock: EventClock,
     pub next_seq: u64,
     pub counters: Counters,
+    /// The event-time clock of the outcome events (feedback join).
+    #[serde(default)]
+    pub outcome_clock: EventClock,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -121,6 +156,7 @@ pub enum Record {
     Segment(String, SegmentRecord),
     Request(RequestRecord),
     Cooldown(UserPair, i64),
+    Join(String, JoinRecord),
 }
 
 fn json<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, RestoreError> {
@@ -154,6 +190,8 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Record, RestoreError> {
             return Err(invalid("holds another user pair"));
         }
         Ok(Record::Cooldown(pair, c.until))
+    } else if let Some(id) = key.strip_prefix(JOIN_PREFIX) {
+        Ok(Record::Join(id.to_string(), json(key, value)?))
     } else {
         Err(RestoreError::UnknownKey(key.to_string()))
     }

@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 use matchfleet_api::match_pipeline::{BuiltinScorer, MatchSettings};
 use thiserror::Error;
 
+use super::feedback::FeedbackConfig;
+
 /// Candidates kept per request in large windows. The greedy matchmaker
 /// rescores a request against the still-free ones when its list runs out, so
 /// this trades memory for refills, never quality: 48 × 10,000 requests is
@@ -42,6 +44,8 @@ pub enum ConfigError {
     ScorerName(String),
     #[error("scorer {0:?} needs exactly one of builtin or http")]
     ScorerKind(String),
+    #[error("feedback.ttlSeconds must be at least 1 and minCallSeconds not negative, got {ttl} and {min_call}")]
+    Feedback { ttl: i32, min_call: i32 },
 }
 
 /// How a scorer computes a window's pair scores.
@@ -75,6 +79,8 @@ pub struct EngineConfig {
     pub(crate) min_score: f64,
     pub(crate) scorers: Vec<Scorer>,
     pub(crate) top_k: usize,
+    /// Set when the pipeline joins outcome events (`spec.feedback`).
+    pub(crate) feedback: Option<FeedbackConfig>,
 }
 
 impl EngineConfig {
@@ -132,6 +138,22 @@ impl EngineConfig {
                 kind,
             });
         }
+        let feedback = match &s.feedback {
+            None => None,
+            Some(f) => {
+                let bad = || ConfigError::Feedback {
+                    ttl: f.ttl_seconds,
+                    min_call: f.min_call_seconds,
+                };
+                if f.ttl_seconds < 1 {
+                    return Err(bad());
+                }
+                Some(FeedbackConfig {
+                    ttl_millis: i64::from(f.ttl_seconds) * 1000,
+                    min_call_seconds: u32::try_from(f.min_call_seconds).map_err(|_| bad())?,
+                })
+            }
+        };
         Ok(EngineConfig {
             dimension: dim as usize,
             window_millis: i64::from(w.size_millis),
@@ -144,6 +166,7 @@ impl EngineConfig {
             min_score: m.min_score,
             scorers,
             top_k: DEFAULT_TOP_K,
+            feedback,
         })
     }
 
@@ -163,6 +186,10 @@ impl EngineConfig {
 
     pub fn scorers(&self) -> &[Scorer] {
         &self.scorers
+    }
+
+    pub fn feedback(&self) -> Option<&FeedbackConfig> {
+        self.feedback.as_ref()
     }
 
     /// The scorer a window falls back to when its HTTP scores are missing:

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use matchfleet_api::feedback::{FeedbackSample, MatchOutcome};
 use matchfleet_api::match_pipeline::BuiltinScorer;
 use matchfleet_api::matching::{
     ExpiryReason, InvalidRequest, MatchRequest, MatchResult, MatchedUser,
@@ -12,12 +13,13 @@ use thiserror::Error;
 
 use super::bandit::{self, ArmStats};
 use super::changelog::{
-    self, cooldown_key, encode, request_key, segment_key, Counters, MetaRecord, Record,
+    self, cooldown_key, encode, join_key, request_key, segment_key, Counters, MetaRecord, Record,
     RequestRecord, RestoreError, SegmentRecord, META_KEY,
 };
 use super::config::{EngineConfig, ScorerKind};
 use super::cooldown::{CooldownBook, UserPair};
 use super::digest::{self, Digest};
+use super::feedback::{JoinBook, JoinRecord};
 use super::matchmaker::{match_window, MatchParams, Pair};
 use super::pairing::{Scores, WindowFilter, WindowPairs};
 use super::score::FeatureMatrix;
@@ -66,6 +68,34 @@ pub enum IngestError {
     Duplicate(String),
 }
 
+/// An outcome event the engine refuses; the caller dead-letters it.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum OutcomeError {
+    #[error("event time {0} is outside ±{MAX_ABS_EVENT_TIME} ms")]
+    EventTimeOutOfRange(i64),
+    #[error("match {match_id:?} is of segment {expected:?}, the outcome says {got:?}")]
+    SegmentMismatch {
+        match_id: String,
+        expected: String,
+        got: String,
+    },
+    #[error("the pipeline has no feedback join")]
+    NoFeedback,
+}
+
+/// What became of an outcome that was not refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutcomeFate {
+    /// It is the match's outcome: its sample, with the reward the bandit got.
+    Joined(Box<FeedbackSample>),
+    /// Its event time is after the match's deadline.
+    Late,
+    /// The match already has its outcome.
+    Duplicate,
+    /// No match of this partition has that id (or its deadline passed).
+    Unknown,
+}
+
 /// A request waiting in a window.
 #[derive(Debug, Clone)]
 struct Pending {
@@ -100,6 +130,7 @@ enum Dirty {
     Segment(String),
     Request(String),
     Cooldown(UserPair),
+    Join(String),
 }
 
 /// The matchmaking state of one input partition. Pure: time comes in as
@@ -114,8 +145,11 @@ pub struct PartitionEngine {
     segments: BTreeMap<String, Segment>,
     requests: HashMap<String, Pending>,
     cooldowns: CooldownBook,
+    /// Matches waiting for their outcome (feedback join).
+    joins: JoinBook,
+    outcome_clock: EventClock,
     dirty: BTreeSet<Dirty>,
-    /// `r/` and `c/` keys whose last change written was an upsert.
+    /// `r/`, `c/` and `j/` keys whose last change written was an upsert.
     persisted: HashSet<String>,
     /// The meta value last written (or restored).
     last_meta: Option<Vec<u8>>,
@@ -132,6 +166,8 @@ impl PartitionEngine {
             segments: BTreeMap::new(),
             requests: HashMap::new(),
             cooldowns: CooldownBook::default(),
+            joins: JoinBook::default(),
+            outcome_clock: EventClock::default(),
             dirty: BTreeSet::new(),
             persisted: HashSet::new(),
             last_meta: None,
@@ -160,6 +196,7 @@ impl PartitionEngine {
                     e.clock = m.clock;
                     e.next_seq = m.next_seq;
                     e.counters = m.counters;
+                    e.outcome_clock = m.outcome_clock;
                     e.last_meta = Some(value);
                 }
                 Record::Segment(name, record) => {
@@ -194,6 +231,16 @@ impl PartitionEngine {
                 Record::Cooldown(pair, until) => {
                     e.cooldowns.insert(pair, until);
                     e.persisted.insert(key);
+                }
+                Record::Join(id, record) => {
+                    e.persisted.insert(key);
+                    match e.config.feedback {
+                        Some(f) => e.joins.insert(id, record, f.ttl_millis),
+                        // The join was switched off: forget (tombstone) its state.
+                        None => {
+                            e.dirty.insert(Dirty::Join(id));
+                        }
+                    }
                 }
             }
         }
@@ -265,6 +312,100 @@ impl PartitionEngine {
         );
         self.dirty.insert(Dirty::Request(id));
         Ok(None)
+    }
+
+    /// Takes one outcome event (feedback topic, offset order). The first
+    /// outcome of a known match with event time ≤ its deadline joins: the
+    /// bandit gets its reward and the sample is returned; any other is
+    /// counted and dropped. A refused outcome changes nothing: the caller
+    /// dead-letters it (and calls `record_dead_letter`).
+    pub fn ingest_outcome(
+        &mut self,
+        outcome: MatchOutcome,
+        now: i64,
+    ) -> Result<OutcomeFate, OutcomeError> {
+        let Some(feedback) = self.config.feedback else {
+            return Err(OutcomeError::NoFeedback);
+        };
+        if outcome.event_time.abs() > MAX_ABS_EVENT_TIME {
+            return Err(OutcomeError::EventTimeOutOfRange(outcome.event_time));
+        }
+        if let Some(j) = self.joins.get(&outcome.match_id) {
+            if j.segment != outcome.segment {
+                return Err(OutcomeError::SegmentMismatch {
+                    match_id: outcome.match_id,
+                    expected: j.segment.clone(),
+                    got: outcome.segment,
+                });
+            }
+        }
+        self.outcome_clock
+            .observe(outcome.event_time, now, self.config.out_of_order_millis);
+        self.counters.outcomes += 1;
+        // A match whose deadline the partition's event time has passed is
+        // gone, even if `settle_feedback` has not dropped it yet: what joins
+        // depends on the record order only, not on when the caller settles.
+        let now_event_time = self.feedback_watermark();
+        let Some(j) = self
+            .joins
+            .get(&outcome.match_id)
+            .filter(|j| now_event_time.is_none_or(|wm| j.deadline(feedback.ttl_millis) >= wm))
+        else {
+            self.counters.outcomes_unknown += 1;
+            return Ok(OutcomeFate::Unknown);
+        };
+        if outcome.event_time > j.deadline(feedback.ttl_millis) {
+            self.counters.outcomes_late += 1;
+            return Ok(OutcomeFate::Late);
+        }
+        if j.joined {
+            self.counters.outcomes_duplicate += 1;
+            return Ok(OutcomeFate::Duplicate);
+        }
+        let (reward, label) = feedback.judge(&outcome);
+        let (segment, scorer) = (j.segment.clone(), j.scorer.clone());
+        let id = outcome.match_id.clone();
+        let sample = j.sample(&id, self.partition, Some((outcome, reward, label)));
+        self.joins.mark_joined(&id);
+        self.dirty.insert(Dirty::Join(id));
+        self.record_reward(&segment, &scorer, reward);
+        self.counters.joined += 1;
+        Ok(OutcomeFate::Joined(Box::new(sample)))
+    }
+
+    /// Drops the matches whose deadline the partition's event time has
+    /// passed — the later of the request and outcome watermarks (each with
+    /// its idle rule) — and returns a `noOutcome` sample for each that never
+    /// joined.
+    pub fn settle_feedback(&mut self, now: i64) -> Vec<FeedbackSample> {
+        if self.joins.is_empty() {
+            return Vec::new();
+        }
+        let c = &self.config;
+        self.outcome_clock
+            .apply_idle(now, c.idle_millis, c.out_of_order_millis);
+        self.apply_idle(now);
+        let Some(watermark) = self.feedback_watermark() else {
+            return Vec::new();
+        };
+        let mut samples = Vec::new();
+        for (id, j) in self.joins.expire(watermark) {
+            if !j.joined {
+                self.counters.no_outcome += 1;
+                samples.push(j.sample(&id, self.partition, None));
+            }
+            self.dirty.insert(Dirty::Join(id));
+        }
+        samples
+    }
+
+    /// The partition's event time for the join: the later of the request
+    /// and outcome watermarks.
+    fn feedback_watermark(&self) -> Option<i64> {
+        match (self.clock.watermark, self.outcome_clock.watermark) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Counts a record the caller sent to the dead-letter topic.
@@ -402,12 +543,17 @@ impl PartitionEngine {
                     });
                     self.push_change(&mut out, key, value);
                 }
+                Dirty::Join(id) => {
+                    let value = self.joins.get(&id).map(encode);
+                    self.push_change(&mut out, join_key(&id), value);
+                }
             }
         }
         let meta = encode(&MetaRecord {
             clock: self.clock.clone(),
             next_seq: self.next_seq,
             counters: self.counters.clone(),
+            outcome_clock: self.outcome_clock.clone(),
         });
         if self.last_meta.as_ref() != Some(&meta) {
             self.last_meta = Some(meta.clone());
@@ -433,6 +579,24 @@ impl PartitionEngine {
     /// Cooldown entries held.
     pub fn cooldowns(&self) -> usize {
         self.cooldowns.len()
+    }
+
+    /// The bandit's posteriors: ((segment, scorer), evidence).
+    pub fn arm_evidence(&self) -> Vec<((String, String), ArmStats)> {
+        self.segments
+            .iter()
+            .flat_map(|(segment, s)| {
+                s.record
+                    .arms
+                    .iter()
+                    .map(move |(scorer, arm)| ((segment.clone(), scorer.clone()), arm.clone()))
+            })
+            .collect()
+    }
+
+    /// Matches waiting for their outcome's deadline.
+    pub fn awaiting_outcome(&self) -> usize {
+        self.joins.len()
     }
 
     fn push_change(
@@ -558,7 +722,9 @@ impl PartitionEngine {
             self.cooldowns.insert(users.clone(), until);
             self.dirty.insert(Dirty::Cooldown(users));
             self.counters.matched += 1;
-            results.push(self.matched(segment, start, end, &scorer_name, pair.score, &a, &b, now));
+            let result = self.matched(segment, start, end, &scorer_name, pair.score, &a, &b, now);
+            self.await_outcome(&result);
+            results.push(result);
         }
 
         let leftovers = ids
@@ -649,6 +815,35 @@ impl PartitionEngine {
             top_k: self.config.top_k,
         };
         (name, match_window(&pairs, &params))
+    }
+
+    /// Starts the feedback join of a match, when the pipeline has one.
+    fn await_outcome(&mut self, result: &MatchResult) {
+        let (
+            Some(f),
+            MatchResult::Matched {
+                match_id,
+                segment,
+                window_end,
+                scorer,
+                score,
+                users,
+                ..
+            },
+        ) = (self.config.feedback, result)
+        else {
+            return;
+        };
+        let record = JoinRecord {
+            segment: segment.clone(),
+            scorer: scorer.clone(),
+            score: *score,
+            window_end: *window_end,
+            users: [users[0].user.clone(), users[1].user.clone()],
+            joined: false,
+        };
+        self.joins.insert(match_id.clone(), record, f.ttl_millis);
+        self.dirty.insert(Dirty::Join(match_id.clone()));
     }
 
     /// Removes a settled request from the state.

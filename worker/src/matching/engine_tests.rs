@@ -5,8 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use matchfleet_api::feedback::{FeedbackSample, Label, MatchOutcome};
 use matchfleet_api::match_pipeline::{
-    BuiltinScorer, FeatureSpec, HttpScorerSpec, MatchSettings, MatchingSpec, ScorerSpec, WindowSpec,
+    BuiltinScorer, FeatureSpec, FeedbackSpec, HttpScorerSpec, MatchSettings, MatchingSpec,
+    ScorerSpec, WindowSpec,
 };
 use matchfleet_api::matching::{
     mutually_acceptable, ExpiryReason, MatchRequest, MatchResult, Preferences, Profile,
@@ -578,6 +580,135 @@ fn a_large_window_is_matched_greedily_without_losing_anyone() {
     );
 }
 
+#[test]
+fn outcomes_join_once_within_the_ttl_and_the_rest_is_counted() {
+    let mut s = settings();
+    s.feedback = Some(FeedbackSpec {
+        topic: "outcomes".into(),
+        rewards_topic: "samples".into(),
+        ttl_seconds: 5,
+        min_call_seconds: 40,
+    });
+    let mut e = engine(&s);
+    for (id, user, g) in [
+        ("r1", "ann", "f"),
+        ("r2", "bob", "m"),
+        ("r3", "cy", "f"),
+        ("r4", "dan", "m"),
+    ] {
+        assert_eq!(
+            ingest(&mut e, req(id, user, 10_100, g, [1.0, 0.0]), 10_100),
+            None
+        );
+    }
+    let results = e.close(12_200, &none());
+    let ids: Vec<String> = results
+        .iter()
+        .filter_map(|r| match r {
+            MatchResult::Matched { match_id, .. } => Some(match_id.clone()),
+            MatchResult::Expired { .. } => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "{results:?}");
+    assert_eq!(e.awaiting_outcome(), 2);
+    let outcome = |id: &str, t: i64, call_seconds: u32| MatchOutcome {
+        match_id: id.into(),
+        segment: "s".into(),
+        event_time: t,
+        call_seconds,
+        skipped: false,
+    };
+    // Window end 11,000, deadline 16,000.
+    let Ok(OutcomeFate::Joined(sample)) = e.ingest_outcome(outcome(&ids[0], 12_000, 10), 12_000)
+    else {
+        panic!("the first on-time outcome joins");
+    };
+    assert_eq!(
+        (sample.label, sample.reward, sample.partition),
+        (Label::Bad, Some(0.25), 7)
+    );
+    assert_eq!(sample.scorer, "cosine");
+    let evidence = e.arm_evidence();
+    assert_eq!(evidence.len(), 1);
+    assert_eq!(
+        (evidence[0].1.successes, evidence[0].1.failures),
+        (0.25, 0.75)
+    );
+    assert_eq!(
+        e.ingest_outcome(outcome(&ids[0], 12_100, 90), 12_100),
+        Ok(OutcomeFate::Duplicate)
+    );
+    assert_eq!(
+        e.ingest_outcome(outcome(&ids[1], 16_001, 90), 12_200),
+        Ok(OutcomeFate::Late)
+    );
+    assert_eq!(
+        e.ingest_outcome(outcome("nope", 12_300, 90), 12_300),
+        Ok(OutcomeFate::Unknown)
+    );
+    let mut wrong_segment = outcome(&ids[1], 12_400, 90);
+    wrong_segment.segment = "t".into();
+    assert!(matches!(
+        e.ingest_outcome(wrong_segment, 12_400),
+        Err(OutcomeError::SegmentMismatch { .. })
+    ));
+    assert!(matches!(
+        e.ingest_outcome(outcome(&ids[1], i64::MAX, 90), 12_500),
+        Err(OutcomeError::EventTimeOutOfRange(_))
+    ));
+
+    // A restart keeps the join: the duplicate is still one.
+    let log = e.take_changes();
+    assert!(log.iter().any(|(k, v)| k.starts_with("j/") && v.is_some()));
+    let mut e = PartitionEngine::restore(7, e.config().clone(), log.clone()).unwrap();
+    assert_eq!(
+        e.ingest_outcome(outcome(&ids[0], 12_600, 90), 12_600),
+        Ok(OutcomeFate::Duplicate)
+    );
+
+    // The outcome watermark (16,001 − 200) has not passed 16,000 yet; the
+    // request clock idles on the wall clock (now − 1,000 − 200) past it.
+    assert_eq!(e.settle_feedback(12_700), vec![]);
+    let late: Vec<FeedbackSample> = e.settle_feedback(17_201);
+    assert_eq!(
+        late.len(),
+        1,
+        "only the match without an outcome gets a sample now"
+    );
+    assert_eq!(
+        (late[0].match_id.as_str(), late[0].label, late[0].reward),
+        (ids[1].as_str(), Label::NoOutcome, None)
+    );
+    assert_eq!(e.awaiting_outcome(), 0);
+    let c = e.counters();
+    assert_eq!(
+        [
+            c["outcomes"],
+            c["joined"],
+            c["outcomesDuplicate"],
+            c["outcomesLate"],
+            c["outcomesUnknown"],
+            c["noOutcome"]
+        ],
+        [5, 1, 2, 1, 1, 1]
+    );
+    let tombstones = e.take_changes();
+    assert_eq!(
+        tombstones
+            .iter()
+            .filter(|(k, v)| k.starts_with("j/") && v.is_none())
+            .count(),
+        2
+    );
+
+    // Without a feedback join, outcomes are refused.
+    let mut plain = engine(&settings());
+    assert_eq!(
+        plain.ingest_outcome(outcome("x", 1, 1), 1),
+        Err(OutcomeError::NoFeedback)
+    );
+}
+
 // ---- properties ----
 
 #[derive(Debug, Clone)]
@@ -603,6 +734,16 @@ enum Op {
         scorer: u8,
         reward: f64,
     },
+    /// An outcome for the `pick`-th match so far (none yet: an unknown id).
+    Outcome {
+        pick: u8,
+        dt: i64,
+        call_seconds: u32,
+        skipped: bool,
+    },
+    Settle {
+        advance: i64,
+    },
     DeadLetter,
     TakeChanges,
     Restart,
@@ -616,6 +757,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0i64..1500).prop_map(|advance| Op::Due { advance }),
         3 => (0i64..2500, any::<bool>()).prop_map(|(advance, answer_http)| Op::Close { advance, answer_http }),
         1 => (0u8..2, 0u8..4, 0.0f64..1.0).prop_map(|(segment, scorer, reward)| Op::Reward { segment, scorer, reward }),
+        4 => (any::<u8>(), -1500i64..4500, 0u32..90, prop::bool::weighted(0.3)).prop_map(
+            |(pick, dt, call_seconds, skipped)| Op::Outcome { pick, dt, call_seconds, skipped }
+        ),
+        2 => (0i64..3000).prop_map(|advance| Op::Settle { advance }),
         1 => Just(Op::DeadLetter),
         2 => Just(Op::TakeChanges),
         2 => Just(Op::Restart),
@@ -632,7 +777,46 @@ fn prop_settings(exact_below: i32) -> MatchSettings {
         builtin("opposites", BuiltinScorer::Complement),
         http("remote"),
     ];
+    s.feedback = Some(FeedbackSpec {
+        topic: "outcomes".into(),
+        rewards_topic: "samples".into(),
+        ttl_seconds: 3,
+        min_call_seconds: 30,
+    });
     s
+}
+
+/// The outcome an `Op::Outcome` makes, given the matches (id, segment) so far.
+fn prop_outcome(op: &Op, matches: &[(String, String)], now: i64) -> Option<MatchOutcome> {
+    let Op::Outcome {
+        pick,
+        dt,
+        call_seconds,
+        skipped,
+    } = *op
+    else {
+        return None;
+    };
+    let (match_id, segment) = match matches.len() {
+        0 => ("nobody".to_string(), "s0".to_string()),
+        n => matches[usize::from(pick) % n].clone(),
+    };
+    Some(MatchOutcome {
+        match_id,
+        segment,
+        event_time: now + dt,
+        call_seconds,
+        skipped,
+    })
+}
+
+fn match_ids(results: &[MatchResult]) -> impl Iterator<Item = (String, String)> + '_ {
+    results.iter().filter_map(|r| match r {
+        MatchResult::Matched {
+            match_id, segment, ..
+        } => Some((match_id.clone(), segment.clone())),
+        MatchResult::Expired { .. } => None,
+    })
 }
 
 fn prop_request(i: usize, op: &Op, now: i64) -> Option<MatchRequest> {
@@ -693,8 +877,10 @@ enum Seen {
     Due(Vec<DueWindow>),
     Close(Vec<MatchResult>),
     Reward(bool),
+    Outcome(Result<OutcomeFate, OutcomeError>),
+    Settle(Vec<FeedbackSample>),
     Changes(Vec<(String, Option<Vec<u8>>)>),
-    State(BTreeMap<String, u64>, Option<i64>, usize, usize),
+    State(BTreeMap<String, u64>, Option<i64>, usize, usize, usize),
 }
 
 /// Runs `ops` on `engine`; `log` collects its changelog; `restart` rebuilds
@@ -706,6 +892,7 @@ fn run(
     restart: bool,
 ) -> Vec<Seen> {
     let mut seen = Vec::new();
+    let mut matches = Vec::new();
     let mut now = 10_000;
     for (i, op) in ops.iter().enumerate() {
         match op {
@@ -713,6 +900,15 @@ fn run(
                 now += 37;
                 let r = prop_request(i, op, now).unwrap_or_else(|| unreachable!());
                 seen.push(Seen::Ingest(engine.ingest(r, now)));
+            }
+            Op::Outcome { .. } => {
+                now += 11;
+                let o = prop_outcome(op, &matches, now).unwrap_or_else(|| unreachable!());
+                seen.push(Seen::Outcome(engine.ingest_outcome(o, now)));
+            }
+            Op::Settle { advance } => {
+                now += advance;
+                seen.push(Seen::Settle(engine.settle_feedback(now)));
             }
             Op::Due { advance } => {
                 now += advance;
@@ -728,7 +924,9 @@ fn run(
                 } else {
                     HashMap::new()
                 };
-                seen.push(Seen::Close(engine.close(now, &external)));
+                let results = engine.close(now, &external);
+                matches.extend(match_ids(&results));
+                seen.push(Seen::Close(results));
             }
             Op::Reward {
                 segment,
@@ -762,6 +960,7 @@ fn run(
             engine.watermark(),
             engine.pending(),
             engine.cooldowns(),
+            engine.awaiting_outcome(),
         ));
     }
     seen
@@ -860,5 +1059,82 @@ proptest! {
         let c = e.counters();
         prop_assert_eq!(c["requests"] as usize, requests.len());
         prop_assert_eq!((c["matched"] * 2 + c["expired"]) as usize, requests.len());
+    }
+
+    /// Every match gets exactly one sample once the deadlines pass; a joined
+    /// one carries the first on-time outcome fed for its match, judged by
+    /// the spec's rule; the bandit's evidence grows by exactly the rewards.
+    #[test]
+    fn every_match_gets_exactly_one_sample(
+        ops in prop::collection::vec(op(), 1..120),
+    ) {
+        let s = prop_settings(3);
+        let f = s.feedback.clone().unwrap();
+        let mut e = PartitionEngine::new(3, EngineConfig::from_settings(&s).unwrap());
+        let mut matches: Vec<(String, String)> = Vec::new();
+        let mut window_end: HashMap<String, i64> = HashMap::new();
+        let mut first_on_time: HashMap<String, MatchOutcome> = HashMap::new();
+        let mut samples: Vec<FeedbackSample> = Vec::new();
+        let mut now = 10_000;
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::Ingest { .. } => {
+                    now += 37;
+                    let r = prop_request(i, op, now).unwrap_or_else(|| unreachable!());
+                    let _ = e.ingest(r, now);
+                }
+                Op::Close { advance, .. } | Op::Due { advance } => {
+                    now += advance;
+                    for r in e.close(now, &HashMap::new()) {
+                        if let MatchResult::Matched { match_id, segment, window_end: end, .. } = r {
+                            window_end.insert(match_id.clone(), end);
+                            matches.push((match_id, segment));
+                        }
+                    }
+                }
+                Op::Outcome { .. } => {
+                    now += 11;
+                    let o = prop_outcome(op, &matches, now).unwrap_or_else(|| unreachable!());
+                    if window_end.get(&o.match_id).is_some_and(|end| o.event_time <= end + i64::from(f.ttl_seconds) * 1000) {
+                        first_on_time.entry(o.match_id.clone()).or_insert_with(|| o.clone());
+                    }
+                    if let Ok(OutcomeFate::Joined(sample)) = e.ingest_outcome(o, now) {
+                        samples.push(*sample);
+                    }
+                }
+                Op::Settle { advance } => {
+                    now += advance;
+                    samples.extend(e.settle_feedback(now));
+                }
+                _ => {}
+            }
+        }
+        samples.extend(e.settle_feedback(now + 10_000_000));
+        prop_assert_eq!(e.awaiting_outcome(), 0);
+        let mut by_match: HashMap<&str, &FeedbackSample> = HashMap::new();
+        for sample in &samples {
+            prop_assert!(by_match.insert(&sample.match_id, sample).is_none(), "two samples for {}", sample.match_id);
+        }
+        prop_assert_eq!(by_match.len(), matches.len());
+        let (mut successes, mut failures) = (0.0, 0.0);
+        for sample in &samples {
+            match (&sample.outcome, sample.reward) {
+                (Some(o), Some(reward)) => {
+                    prop_assert_eq!(Some(o), first_on_time.get(&sample.match_id));
+                    let want = if o.skipped { 0.0 } else { (f64::from(o.call_seconds) / f64::from(f.min_call_seconds)).min(1.0) };
+                    prop_assert_eq!(reward, want);
+                    prop_assert_eq!(sample.label == Label::Good, want == 1.0);
+                    successes += reward;
+                    failures += 1.0 - reward;
+                }
+                (None, None) => prop_assert_eq!(sample.label, Label::NoOutcome),
+                other => prop_assert!(false, "outcome and reward disagree: {:?}", other),
+            }
+        }
+        let c = e.counters();
+        prop_assert_eq!((c["joined"] + c["noOutcome"]) as usize, matches.len());
+        prop_assert_eq!(c["outcomes"], c["joined"] + c["outcomesLate"] + c["outcomesDuplicate"] + c["outcomesUnknown"]);
+        let evidence: f64 = e.arm_evidence().iter().map(|(_, a)| a.successes + a.failures).sum();
+        prop_assert!((evidence - (successes + failures)).abs() < 1e-9, "bandit evidence {} vs rewards {}", evidence, successes + failures);
     }
 }

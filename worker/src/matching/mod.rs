@@ -68,7 +68,7 @@
 //! draw for a window uses a PCG64 seeded from (partition, segment, window
 //! start), so a replay picks the same arm. The choice is made once per window
 //! (by `due` or `close`, whichever comes first) and kept until it closes.
-//! [`PartitionEngine::record_reward`] feeds it (the feedback join).
+//! [`PartitionEngine::record_reward`] feeds it (the feedback join, below).
 //!
 //! **HTTP scorers, two phases.** [`PartitionEngine::due`] lists the windows
 //! that would close now, each with its [`WindowId`] (segment, start and a
@@ -78,9 +78,28 @@
 //! missing or mis-sized answer, or one computed for another composition of
 //! the window, falls back to the first builtin scorer (or cosine).
 //!
+//! **Feedback join** (with `spec.feedback`, [`feedback`]). Every match is
+//! remembered with its deadline = window end + `feedback.ttlSeconds`.
+//! Outcome events ([`PartitionEngine::ingest_outcome`], the feedback topic's
+//! partition with the same number, in offset order) have their own event-time
+//! clock (max event time − `window.outOfOrderMillis`, same idle rule). An
+//! outcome joins iff its match is known, its event time is ≤ the deadline and
+//! no outcome joined before it; then the bandit gets the reward (0 if
+//! skipped, else `min(1, callSeconds / minCallSeconds)`) for the match's
+//! scorer and segment, and a labelled [`FeedbackSample`] (good iff the reward
+//! is 1) is returned. Any other outcome is only counted: late, duplicate or
+//! unknown. [`PartitionEngine::settle_feedback`] drops the matches whose
+//! deadline is before the partition's event time — the later of the request
+//! and outcome watermarks, so out-of-order outcomes up to the bound still
+//! join and state stays bounded without outcome traffic — returning a
+//! `noOutcome` sample (no reward) for each that never joined. So every match
+//! gets exactly one sample.
+//!
 //! **Counters** (cumulative, persisted): `requests` (ingested, including
 //! too-late ones), `matched` (pairs), `expired` (both reasons),
-//! `deadLettered` ([`PartitionEngine::record_dead_letter`]).
+//! `deadLettered` ([`PartitionEngine::record_dead_letter`]); with feedback:
+//! `outcomes` (valid ones read), `joined`, `outcomesLate`,
+//! `outcomesDuplicate`, `outcomesUnknown`, `noOutcome`.
 //!
 //! # Driving it (the Kafka layer)
 //!
@@ -92,8 +111,11 @@
 //!   goes to the dead-letter topic, then `record_dead_letter`. There is no
 //!   separate results buffer: every result is returned by the call that
 //!   settled it.
+//! - Per outcome record: [`PartitionEngine::ingest_outcome`]; a joined
+//!   outcome's sample goes to the rewards topic, `Err` to the dead letters.
 //! - Periodically: [`PartitionEngine::due`]`(now)`; call the HTTP scorers of
-//!   the windows that name one; then [`PartitionEngine::close`]`(now, answers)`.
+//!   the windows that name one; then [`PartitionEngine::close`]`(now, answers)`
+//!   and [`PartitionEngine::settle_feedback`]`(now)`.
 //! - Then [`PartitionEngine::take_changes`] and
 //!   [`PartitionEngine::counters`], written with the results and the consumed
 //!   offsets in one transaction.
@@ -113,6 +135,7 @@ pub mod config;
 pub mod cooldown;
 mod digest;
 pub mod engine;
+pub mod feedback;
 pub mod matchmaker;
 pub mod pairing;
 pub mod score;
@@ -123,5 +146,11 @@ mod engine_tests;
 
 pub use changelog::RestoreError;
 pub use config::{ConfigError, EngineConfig, Scorer, ScorerKind};
-pub use engine::{DueWindow, HttpScoring, IngestError, PartitionEngine, WindowId};
+pub use engine::{
+    DueWindow, HttpScoring, IngestError, OutcomeError, OutcomeFate, PartitionEngine, WindowId,
+};
+pub use feedback::FeedbackConfig;
+
+#[cfg(doc)]
+use matchfleet_api::feedback::FeedbackSample;
 pub use score::{score_batch, score_naive, score_path, FeatureMatrix, ScoreError, ScorePath};
