@@ -68,6 +68,25 @@ impl Feed {
         rx
     }
 
+    /// Drops the user's channels whose receiver is gone (a closed
+    /// WebSocket), so users who connect once and never match leak nothing.
+    pub fn forget_closed(&self, user: &str) {
+        if let Ok(mut subs) = self.subscribers.lock() {
+            if let Some(channels) = subs.get_mut(user) {
+                channels.retain(|tx| !tx.is_closed());
+                if channels.is_empty() {
+                    subs.remove(user);
+                }
+            }
+        }
+    }
+
+    /// Users with at least one open nudge channel.
+    #[cfg(test)]
+    pub fn subscribed_users(&self) -> usize {
+        self.subscribers.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
     /// The user's recent matches, oldest first.
     pub fn recent(&self, user: &str) -> Vec<MatchResult> {
         self.recent
@@ -214,6 +233,21 @@ mod tests {
             0,
             "gone subscribers are dropped"
         );
+    }
+
+    #[test]
+    fn closed_channels_are_forgotten_without_a_match() {
+        let feed = Feed::default();
+        let kept = feed.subscribe("alice");
+        let gone = feed.subscribe("alice");
+        let bob = feed.subscribe("bob");
+        drop(gone);
+        drop(bob);
+        feed.forget_closed("alice");
+        feed.forget_closed("bob");
+        assert_eq!(feed.subscribed_users(), 1, "bob had only a closed channel");
+        assert_eq!(feed.publish(&matched("m1", "alice", "carol")), 1);
+        drop(kept);
     }
 
     #[test]

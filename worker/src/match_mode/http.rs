@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use matchfleet_api::matching::parse_request;
+use matchfleet_api::matching::{parse_request, Nudge};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::mpsc::UnboundedReceiver;
 use warp::http::StatusCode;
 use warp::ws::{Message, WebSocket};
 use warp::Filter;
@@ -113,10 +114,16 @@ pub async fn serve(
     Ok(())
 }
 
-/// Forwards the user's nudges until either side closes.
+/// Forwards the user's nudges until either side closes, then forgets the
+/// user's closed channels.
 async fn push_nudges(socket: WebSocket, user: String, feed: Arc<Feed>) {
+    let nudges = feed.subscribe(&user);
+    forward_nudges(socket, nudges).await;
+    feed.forget_closed(&user);
+}
+
+async fn forward_nudges(socket: WebSocket, mut nudges: UnboundedReceiver<Nudge>) {
     let (mut tx, mut rx) = socket.split();
-    let mut nudges = feed.subscribe(&user);
     loop {
         tokio::select! {
             nudge = nudges.recv() => {

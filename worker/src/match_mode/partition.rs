@@ -30,6 +30,8 @@ use crate::matching::{OutcomeFate, PartitionEngine};
 const BURST: usize = 512;
 /// How often due windows are checked when no request arrives (idle close).
 const TICK: Duration = Duration::from_millis(10);
+/// Pause after a consume error.
+const CONSUME_ERROR_BACKOFF: Duration = Duration::from_millis(200);
 
 impl PartitionWorker for MatchWorker {
     fn run(self: Arc<Self>, guard: Arc<LeaseGuard>) -> BoxFuture<'static, WorkEnd> {
@@ -149,13 +151,22 @@ impl MatchWorker {
                 }
                 next = stream.next(), if !releasing => {
                     let Some(first) = next else { return Ok(WorkEnd::Killed) };
-                    self.take(&mut engine, &mut pending, first);
+                    let mut healthy = self.take(&mut engine, &mut pending, first);
                     // Whatever else is already queued, without waiting.
                     for _ in 1..BURST {
+                        if !healthy {
+                            break;
+                        }
                         match stream.next().now_or_never() {
-                            Some(Some(more)) => self.take(&mut engine, &mut pending, more),
+                            Some(Some(more)) => healthy = self.take(&mut engine, &mut pending, more),
                             _ => break,
                         }
+                    }
+                    if !healthy {
+                        // The consumer is failing (broker gone, partition
+                        // moving): back off rather than spin and flood the log;
+                        // windows still close by the tick below.
+                        tokio::time::sleep(CONSUME_ERROR_BACKOFF).await;
                     }
                 }
                 _ = tick.tick() => {}
@@ -199,18 +210,19 @@ impl MatchWorker {
         }
     }
 
-    /// Reads one record into the engine, or into the dead letters.
+    /// Reads one record into the engine, or into the dead letters; false on
+    /// a consume error.
     fn take(
         &self,
         engine: &mut PartitionEngine,
         pending: &mut Uncommitted,
         next: Result<BorrowedMessage<'_>, rdkafka::error::KafkaError>,
-    ) {
+    ) -> bool {
         let msg = match next {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "consume error");
-                return;
+                return false;
             }
         };
         let offset = msg.offset();
@@ -218,7 +230,7 @@ impl MatchWorker {
         if msg.topic() != self.topics.source {
             pending.next_outcome_offset = Some(offset + 1);
             self.take_outcome(engine, pending, &msg);
-            return;
+            return true;
         }
         pending.next_offset = Some(offset + 1);
         let parsed = parse_request(msg.key(), msg.payload(), engine.config().dimension())
@@ -241,6 +253,7 @@ impl MatchWorker {
                 });
             }
         }
+        true
     }
 
     /// Joins one outcome event, or sets it aside in the dead letters.
