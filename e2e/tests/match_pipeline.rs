@@ -207,16 +207,24 @@ async fn killed_workers_restore_their_state_and_lose_or_repeat_nothing() {
     let report = p.check().await;
     assert_eq!(report.figures.valid, 30_000 - 30);
     assert_eq!(report.figures.dead_letters, Some(30));
-    let metrics = restored_records(&p).await;
-    println!("killed {killed:?}; state records restored per worker: {metrics:?}");
+    let restored = worker_counter(&p, "matchfleet_match_restored_records_total").await;
+    let replayed = worker_counter(&p, "matchfleet_match_replayed_requests_total").await;
+    println!(
+        "killed {killed:?}; per worker, state records restored: {restored:?}, \
+         pending requests re-read from the request topic: {replayed:?}"
+    );
     assert!(
-        metrics.values().sum::<u64>() > 0,
+        restored.values().sum::<u64>() > 0,
         "new owners restored state from the changelog"
+    );
+    assert!(
+        replayed.values().sum::<u64>() > 0,
+        "new owners re-read the requests that were pending when their owner died"
     );
 }
 
-/// `matchfleet_match_restored_records_total` of each worker.
-async fn restored_records(p: &Pipeline) -> BTreeMap<String, u64> {
+/// A counter of each worker's /metrics.
+async fn worker_counter(p: &Pipeline, name: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for (pod, ip) in p.workers() {
         let url = format!("http://{ip}:8081/metrics");
@@ -225,7 +233,10 @@ async fn restored_records(p: &Pipeline) -> BTreeMap<String, u64> {
         };
         let value = text
             .lines()
-            .find(|l| l.starts_with("matchfleet_match_restored_records_total "))
+            .find(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);

@@ -151,15 +151,16 @@ fn settings() -> MatchSettings {
 fn loaded_engine(reqs: &[MatchRequest]) -> PartitionEngine {
     let config = EngineConfig::from_settings(&settings()).expect("valid settings");
     let mut e = PartitionEngine::new(0, config);
-    for r in reqs {
-        e.ingest(r.clone(), 0).expect("valid request");
+    for (offset, r) in reqs.iter().enumerate() {
+        e.ingest(r.clone(), offset as i64, 0)
+            .expect("valid request");
     }
     let mut tick = reqs[0].clone();
     tick.request_id = "tick".into();
     tick.user = "tick".into();
     tick.segment = "tick".into();
     tick.event_time = 1300;
-    e.ingest(tick, 0).expect("valid request");
+    e.ingest(tick, reqs.len() as i64, 0).expect("valid request");
     e
 }
 

@@ -30,7 +30,8 @@
 //! BENCH_PARTITIONS (16), BENCH_SEGMENTS (64), BENCH_SKEW (0.5),
 //! BENCH_USERS (200000), BENCH_WINDOW_MILLIS (1000), BENCH_WORKER_CPU (0),
 //! BENCH_LEASE_MILLIS (6000, the CRD default; heartbeats every 1000 ms);
-//! BENCH_KEEP_LOGS (set: keep the children's logs, and say where).
+//! BENCH_MOVE_BROKER (1: a local broker allowed on the worker's core is
+//! moved off it for the run and put back after; 0 leaves it); BENCH_KEEP_LOGS (set: keep the children's logs, and say where).
 //! Results and their reading: BENCHMARKS.md.
 
 mod baseline;
@@ -70,6 +71,8 @@ pub struct Settings {
     pub worker_cpu: usize,
     /// Lease length the progress service grants (the CRD default: 6000).
     pub lease_millis: u64,
+    /// Move a local broker off the worker's core for the run.
+    pub move_broker: bool,
     /// Unique per run: topics, groups and transactional ids carry it.
     pub run_id: String,
 }
@@ -99,6 +102,7 @@ impl Settings {
             window_millis: num("BENCH_WINDOW_MILLIS", 1000)?,
             worker_cpu: num("BENCH_WORKER_CPU", 0)?,
             lease_millis: num("BENCH_LEASE_MILLIS", 6000)?,
+            move_broker: num("BENCH_MOVE_BROKER", 1u8)? != 0,
             run_id: format!("{}-{millis}", std::process::id()),
         };
         if !(s.rate >= 1.0 && s.rate.is_finite()) {
@@ -252,6 +256,18 @@ fn main() {
 
 async fn bench(s: Settings) -> anyhow::Result<()> {
     let mut machine = system::machine(s.worker_cpu, &s.bootstrap);
+    // Restored when the bench ends (dropped at the end of this function).
+    let _broker_moved = match (s.move_broker, machine.broker_pid) {
+        (true, Some(pid)) => {
+            let moved = system::move_broker_away_from(s.worker_cpu, pid)?;
+            if moved.is_some() {
+                machine.broker_cpus = system::cpus_allowed(&pid.to_string())
+                    .map(|c| format!("{c} (moved off cpu {} for the run)", s.worker_cpu));
+            }
+            moved
+        }
+        _ => None,
+    };
     machine.background_busy = system::busy_percent_over(Duration::from_secs(1)).await;
     eprintln!(
         "match_e2e: backlog {} requests, live {}/s for {} s, {} partitions, {} segments, worker on cpu {}",

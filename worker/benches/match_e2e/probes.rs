@@ -2,8 +2,9 @@
 //! one to the state, the input offset): the floor under close→visible, and
 //! where a commit's time goes with each way of driving librdkafka.
 //!
-//! * the worker's own `txn::Transactions` (a `ThreadedProducer` that waits
-//!   for its records' delivery before `commit_transaction`);
+//! * the worker's own `txn::Transactions` (a `BaseProducer` whose commit
+//!   serves its delivery reports until none is in flight, 1 ms apart, before
+//!   `commit_transaction`);
 //! * a bare `BaseProducer` that serves its delivery reports until none is
 //!   in flight before `commit_transaction` (the baseline's way);
 //! * a bare `BaseProducer` and a bare `ThreadedProducer` calling
@@ -13,8 +14,8 @@
 //!   runs until its timeout, however early the delivery report comes. So a
 //!   commit with a record in flight takes 100 ms more: always for the
 //!   `BaseProducer` (nobody served its reports), whenever the acks were not
-//!   in yet for the `ThreadedProducer` (its own thread serves them). This
-//!   was the worker's commit before txn.rs waited for its records.
+//!   in yet for the `ThreadedProducer` (its own thread serves them). The
+//!   latter was the worker's commit before txn.rs waited for its records.
 
 use std::time::{Duration, Instant};
 

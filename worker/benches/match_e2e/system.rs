@@ -72,7 +72,7 @@ pub fn machine(worker_cpu: usize, bootstrap: &str) -> Machine {
         if parse_cpu_list(b).contains(&worker_cpu) {
             eprintln!(
                 "match_e2e: note: the broker may run on cpu {worker_cpu} too (allowed: {b}); \
-                 the worker then shares its core with it"
+                 the worker shares its core with it unless it is moved (BENCH_MOVE_BROKER=1, the default)"
             );
         }
     }
@@ -154,6 +154,50 @@ pub fn pin_self_away_from(worker_cpu: usize) -> anyhow::Result<()> {
         bail!("taskset could not pin the bench: {status}");
     }
     Ok(())
+}
+
+/// The broker moved off the worker's core for the run; its old mask comes
+/// back on drop (the broker may be the local cluster's, shared with others).
+pub struct BrokerMoved {
+    pid: u32,
+    was: String,
+}
+
+impl Drop for BrokerMoved {
+    fn drop(&mut self) {
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", &self.was])
+            .arg(self.pid.to_string())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// Moves every thread of the broker `pid` off `worker_cpu`, if it may run
+/// there and another core exists: "one worker core" then means a core the
+/// worker does not share with the broker it drives.
+pub fn move_broker_away_from(worker_cpu: usize, pid: u32) -> anyhow::Result<Option<BrokerMoved>> {
+    let Some(was) = cpus_allowed(&pid.to_string()) else {
+        return Ok(None);
+    };
+    let others: Vec<String> = parse_cpu_list(&was)
+        .into_iter()
+        .filter(|&c| c != worker_cpu)
+        .map(|c| c.to_string())
+        .collect();
+    if others.is_empty() || !parse_cpu_list(&was).contains(&worker_cpu) {
+        return Ok(None);
+    }
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", &others.join(",")])
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset to move the broker")?;
+    if !status.success() {
+        bail!("taskset could not move the broker (pid {pid}): {status}");
+    }
+    Ok(Some(BrokerMoved { pid, was }))
 }
 
 /// Share of all cores busy over `span`, in percent.

@@ -5,7 +5,7 @@
 //! owns the user's partition, and a match that was aborted (a fenced
 //! owner's) never nudges anyone.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,30 +20,37 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::metrics::MatchMetrics;
+use crate::matching::hash::FastMap;
 
 /// Recent matches kept per user for the polling fallback.
 const RECENT_PER_USER: usize = 8;
 /// Users whose recent matches are kept; past this the oldest half is dropped.
 const USERS_KEPT: usize = 200_000;
 
+/// Every worker stores every match of the pipeline here (twice, once per
+/// user): shared, not copied, and hashed with foldhash - this was ~6% of a
+/// loaded worker's core with per-user copies and SipHash.
 #[derive(Default)]
 struct Recent {
-    by_user: HashMap<String, VecDeque<MatchResult>>,
+    by_user: FastMap<String, VecDeque<Arc<MatchResult>>>,
     /// Users in the order they were first stored, for eviction.
     order: VecDeque<String>,
 }
 
 impl Recent {
-    fn remember(&mut self, user: &str, result: &MatchResult) {
-        if !self.by_user.contains_key(user) {
-            if self.by_user.len() >= USERS_KEPT {
-                for old in self.order.drain(..USERS_KEPT / 2) {
-                    self.by_user.remove(&old);
+    fn remember(&mut self, user: &str, result: &Arc<MatchResult>) {
+        let list = match self.by_user.get_mut(user) {
+            Some(list) => list,
+            None => {
+                if self.by_user.len() >= USERS_KEPT {
+                    for old in self.order.drain(..USERS_KEPT / 2) {
+                        self.by_user.remove(&old);
+                    }
                 }
+                self.order.push_back(user.to_string());
+                self.by_user.entry(user.to_string()).or_default()
             }
-            self.order.push_back(user.to_string());
-        }
-        let list = self.by_user.entry(user.to_string()).or_default();
+        };
         if list.len() == RECENT_PER_USER {
             list.pop_front();
         }
@@ -54,7 +61,7 @@ impl Recent {
 /// Connected users and recent matches, shared by the tailer and the HTTP handlers.
 #[derive(Default)]
 pub struct Feed {
-    subscribers: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Nudge>>>>,
+    subscribers: Mutex<FastMap<String, Vec<mpsc::UnboundedSender<Nudge>>>>,
     recent: Mutex<Recent>,
 }
 
@@ -92,21 +99,25 @@ impl Feed {
         self.recent
             .lock()
             .ok()
-            .and_then(|r| r.by_user.get(user).map(|l| l.iter().cloned().collect()))
+            .and_then(|r| {
+                r.by_user
+                    .get(user)
+                    .map(|l| l.iter().map(|m| MatchResult::clone(m)).collect())
+            })
             .unwrap_or_default()
     }
 
     /// Records a committed result and nudges its users; returns nudges sent.
-    pub fn publish(&self, result: &MatchResult) -> u64 {
+    pub fn publish(&self, result: Arc<MatchResult>) -> u64 {
         let MatchResult::Matched {
             match_id, users, ..
-        } = result
+        } = result.as_ref()
         else {
             return 0;
         };
         if let Ok(mut recent) = self.recent.lock() {
             for u in users {
-                recent.remember(&u.user, result);
+                recent.remember(&u.user, &result);
             }
         }
         let Ok(mut subs) = self.subscribers.lock() else {
@@ -174,7 +185,7 @@ pub async fn tail(
                     let Some(result) = m.payload().and_then(|p| serde_json::from_slice::<MatchResult>(p).ok()) else {
                         continue;
                     };
-                    MatchMetrics::add(&metrics.nudges_sent, feed.publish(&result));
+                    MatchMetrics::add(&metrics.nudges_sent, feed.publish(Arc::new(result)));
                 }
                 Some(Err(e)) => {
                     warn!(error = %e, "results feed: consume error");
@@ -214,7 +225,7 @@ mod tests {
     async fn a_connected_user_is_nudged_and_can_poll_recent_matches() {
         let feed = Feed::default();
         let mut alice = feed.subscribe("alice");
-        assert_eq!(feed.publish(&matched("m1", "alice", "bob")), 1);
+        assert_eq!(feed.publish(Arc::new(matched("m1", "alice", "bob"))), 1);
         assert_eq!(
             alice.recv().await,
             Some(Nudge {
@@ -229,7 +240,7 @@ mod tests {
         );
         drop(alice);
         assert_eq!(
-            feed.publish(&matched("m2", "alice", "carol")),
+            feed.publish(Arc::new(matched("m2", "alice", "carol"))),
             0,
             "gone subscribers are dropped"
         );
@@ -246,7 +257,7 @@ mod tests {
         feed.forget_closed("alice");
         feed.forget_closed("bob");
         assert_eq!(feed.subscribed_users(), 1, "bob had only a closed channel");
-        assert_eq!(feed.publish(&matched("m1", "alice", "carol")), 1);
+        assert_eq!(feed.publish(Arc::new(matched("m1", "alice", "carol"))), 1);
         drop(kept);
     }
 
@@ -254,7 +265,11 @@ mod tests {
     fn recent_matches_are_bounded_per_user() {
         let feed = Feed::default();
         for i in 0..20 {
-            feed.publish(&matched(&format!("m{i}"), "alice", &format!("u{i}")));
+            feed.publish(Arc::new(matched(
+                &format!("m{i}"),
+                "alice",
+                &format!("u{i}"),
+            )));
         }
         let recent = feed.recent("alice");
         assert_eq!(recent.len(), RECENT_PER_USER);

@@ -15,6 +15,7 @@ pub struct MatchMetrics {
     pub commit_failures: AtomicU64,
     pub commit_micros_sum: AtomicU64,
     pub restored_records: AtomicU64,
+    pub replayed_requests: AtomicU64,
     pub http_scorer_fallbacks: AtomicU64,
     pub nudges_sent: AtomicU64,
     pub ingested_http: AtomicU64,
@@ -85,6 +86,11 @@ impl MatchMetrics {
                 "restored_records_total",
                 "State changelog records read when taking partitions.",
                 get(&self.restored_records),
+            ),
+            (
+                "replayed_requests_total",
+                "Pending requests re-read from the request topic when taking partitions.",
+                get(&self.replayed_requests),
             ),
             (
                 "http_scorer_fallbacks_total",

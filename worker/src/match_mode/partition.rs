@@ -4,6 +4,7 @@
 //! step (results + samples + state changes + dead letters + offsets) in one
 //! transaction, only while the lease guard is valid.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,10 +114,18 @@ impl MatchWorker {
         .await??;
         MatchMetrics::add(&self.metrics.restored_records, records.len() as u64);
         let restored = records.len();
-        let mut engine = PartitionEngine::restore(partition, self.engine_config.clone(), records)
-            .map_err(|e| {
-            anyhow::anyhow!("cannot restore partition {partition}'s state: {e}")
+        let restoring = PartitionEngine::restore(partition, self.engine_config.clone(), records)
+            .map_err(|e| anyhow::anyhow!("cannot restore partition {partition}'s state: {e}"))?;
+        let (bootstrap, source) = (self.bootstrap.clone(), self.topics.source.clone());
+        let dimension = self.engine_config.dimension();
+        let (mut engine, replayed) = tokio::task::spawn_blocking(move || {
+            restore::replay_pending(&bootstrap, &source, partition, dimension, restoring)
+        })
+        .await?
+        .map_err(|e| {
+            anyhow::anyhow!("cannot restore partition {partition}'s pending requests: {e}")
         })?;
+        MatchMetrics::add(&self.metrics.replayed_requests, replayed as u64);
         guard.set_counters(engine.counters());
         if !guard.valid() {
             return Ok(WorkEnd::Killed);
@@ -127,6 +136,7 @@ impl MatchWorker {
         }
         info!(
             restored,
+            replayed,
             pending = engine.pending(),
             millis = started.elapsed().as_millis() as u64,
             "partition taken"
@@ -167,13 +177,22 @@ impl MatchWorker {
                         // moving): back off rather than spin and flood the log;
                         // windows still close by the tick below.
                         tokio::time::sleep(CONSUME_ERROR_BACKOFF).await;
+                    } else {
+                        // rdkafka's stream is always ready under a backlog and
+                        // is outside tokio's co-operative budget: without this
+                        // the loop would run until its next commit, starving the
+                        // other partitions and the heartbeat (leases then lapse
+                        // on a saturated core).
+                        tokio::task::yield_now().await;
                     }
                 }
                 _ = tick.tick() => {}
             }
             let now = wall_millis();
-            let due = engine.due(now);
-            if !due.is_empty() {
+            // Listing the due windows costs a pass over each one; only HTTP
+            // scorers need it (builtin ones are chosen and run by `close`).
+            let external = if self.engine_config.has_http_scorers() {
+                let due = engine.due(now);
                 // Nothing is read while HTTP scorers answer, so the windows
                 // `close` sees are the ones `due` listed.
                 let external = score_http_windows(&self.scorer_client, &due).await;
@@ -182,9 +201,16 @@ impl MatchWorker {
                     &self.metrics.http_scorer_fallbacks,
                     (asked - external.len()) as u64,
                 );
-                MatchMetrics::add(&self.metrics.windows_closed, due.len() as u64);
-                pending.results.extend(engine.close(now, &external));
-            }
+                external
+            } else {
+                HashMap::new()
+            };
+            let closed_before = engine.windows_closed();
+            pending.results.extend(engine.close(now, &external));
+            MatchMetrics::add(
+                &self.metrics.windows_closed,
+                engine.windows_closed() - closed_before,
+            );
             pending.samples.extend(engine.settle_feedback(now));
             let settled = !pending.results.is_empty()
                 || !pending.samples.is_empty()
@@ -235,7 +261,11 @@ impl MatchWorker {
         pending.next_offset = Some(offset + 1);
         let parsed = parse_request(msg.key(), msg.payload(), engine.config().dimension())
             .map_err(|e| e.to_string())
-            .and_then(|req| engine.ingest(req, wall_millis()).map_err(|e| e.to_string()));
+            .and_then(|req| {
+                engine
+                    .ingest(req, offset, wall_millis())
+                    .map_err(|e| e.to_string())
+            });
         match parsed {
             Ok(settled) => {
                 MatchMetrics::add(&self.metrics.requests, 1);

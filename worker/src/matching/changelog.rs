@@ -4,18 +4,23 @@
 //! |---|---|---|
 //! | `m` | [`MetaRecord`]: clock (watermark, max event time, last ingest), next sequence number, counters | it changed |
 //! | `s/<segment>` | [`SegmentRecord`]: end of the last closed window, bandit posteriors, arms chosen for open windows | it changed |
-//! | `r/<requestId>` | [`RequestRecord`]: a pending request, its window and windows waited | pending at a `take_changes` |
+//! | `q/<segment>` | [`QueueRecord`]: the segment's pending requests as source offsets, by window, with windows waited | it changed (tombstoned once empty) |
 //! | `c/["<userA>","<userB>"]` | [`CooldownRecord`]: a pair's cooldown deadline | in cooldown at a `take_changes` |
 //! | `j/<matchId>` | [`JoinRecord`]: a match waiting for (or holding) its outcome until its deadline | known at a `take_changes` |
 //!
-//! A settled request or expired cooldown that was written is tombstoned
+//! Pending requests are not copied into the changelog: the queue record
+//! names their offsets in the partition of the request topic, and a restore
+//! re-reads those (at most `maxWaitWindows` windows plus lateness back). A
+//! request costs a few bytes in one record per segment and commit instead of
+//! its whole body written once and tombstoned once.
+//!
+//! An expired cooldown or a finished join that was written is tombstoned
 //! (value `None`); one that came and went between two `take_changes` never
 //! appears. The cooldown key is a JSON array so that no user name can make
 //! two pairs share a key.
 
 use std::collections::BTreeMap;
 
-use matchfleet_api::matching::MatchRequest;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -26,7 +31,9 @@ use super::window::EventClock;
 
 pub const META_KEY: &str = "m";
 const SEGMENT_PREFIX: &str = "s/";
-const REQUEST_PREFIX: &str = "r/";
+const QUEUE_PREFIX: &str = "q/";
+/// Pending requests as whole records: the format before queue records.
+const LEGACY_REQUEST_PREFIX: &str = "r/";
 const COOLDOWN_PREFIX: &str = "c/";
 const JOIN_PREFIX: &str = "j/";
 
@@ -34,8 +41,8 @@ pub fn segment_key(segment: &str) -> String {
     format!("{SEGMENT_PREFIX}{segment}")
 }
 
-pub fn request_key(request_id: &str) -> String {
-    format!("{REQUEST_PREFIX}{request_id}")
+pub fn queue_key(segment: &str) -> String {
+    format!("{QUEUE_PREFIX}{segment}")
 }
 
 pub fn join_key(match_id: &str) -> String {
@@ -98,7 +105,6 @@ impl Counters {
 #[serde(rename_all = "camelCase")]
 pub struct MetaRecord {
     pub clock: EventClock,
-    pub next_seq: u64,
     pub counters: Counters,
     /// The event-time clock of the outcome events (feedback join).
     #[serde(default)]
@@ -115,16 +121,91 @@ pub struct SegmentRecord {
     pub chosen: BTreeMap<i64, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RequestRecord {
-    pub request: MatchRequest,
-    /// Ingest order in the partition: the tie-breaker everywhere.
-    pub seq: u64,
-    /// Start of the window it waits in.
+/// A pending request as the changelog knows it: where it is in the request
+/// topic's partition, the window it waits in, the windows waited so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedRequest {
+    pub offset: i64,
     pub window: i64,
-    /// Windows waited through so far.
     pub windows: u32,
+}
+
+/// A segment's pending requests, compactly: per window its offsets in
+/// ascending order, delta-encoded (the first one absolute), and the
+/// (position, windows waited) of those that waited at least one window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueRecord {
+    pub windows: Vec<QueuedWindow>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueuedWindow {
+    pub start: i64,
+    pub offsets: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waited: Vec<(u32, u32)>,
+}
+
+impl QueueRecord {
+    /// From `(window start, [(offset, windows waited)] ascending by offset)`.
+    pub fn new<'a>(windows: impl IntoIterator<Item = (i64, &'a [(i64, u32)])>) -> Self {
+        let windows = windows
+            .into_iter()
+            .filter(|(_, requests)| !requests.is_empty())
+            .map(|(start, requests)| {
+                let mut previous = 0;
+                let offsets = requests
+                    .iter()
+                    .map(|&(offset, _)| {
+                        let delta = offset - previous;
+                        previous = offset;
+                        delta
+                    })
+                    .collect();
+                let waited = requests
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, windows))| *windows > 0)
+                    .map(|(i, &(_, windows))| (i as u32, windows))
+                    .collect();
+                QueuedWindow {
+                    start,
+                    offsets,
+                    waited,
+                }
+            })
+            .collect();
+        QueueRecord { windows }
+    }
+
+    /// The requests it names; None if it does not decode to ascending
+    /// offsets with valid positions.
+    pub fn requests(&self) -> Option<Vec<QueuedRequest>> {
+        let mut out = Vec::new();
+        for w in &self.windows {
+            let first = out.len();
+            let mut offset = 0i64;
+            for (i, delta) in w.offsets.iter().enumerate() {
+                if i > 0 && *delta <= 0 {
+                    return None;
+                }
+                offset = offset.checked_add(*delta)?;
+                if offset < 0 {
+                    return None;
+                }
+                out.push(QueuedRequest {
+                    offset,
+                    window: w.start,
+                    windows: 0,
+                });
+            }
+            for &(i, windows) in &w.waited {
+                // Positions past this window's offsets do not exist in `out` yet.
+                out.get_mut(first + i as usize)?.windows = windows;
+            }
+        }
+        Some(out)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +228,9 @@ pub enum RestoreError {
     },
     #[error("changelog record {key:?}: {reason}")]
     Invalid { key: String, reason: String },
+    /// A pending request named by a queue record cannot be re-read.
+    #[error("pending request at offset {offset} of the request partition: {reason}")]
+    Replay { offset: i64, reason: String },
 }
 
 /// One decoded record.
@@ -154,7 +238,7 @@ pub enum RestoreError {
 pub enum Record {
     Meta(MetaRecord),
     Segment(String, SegmentRecord),
-    Request(RequestRecord),
+    Queue(String, Vec<QueuedRequest>),
     Cooldown(UserPair, i64),
     Join(String, JoinRecord),
 }
@@ -176,12 +260,17 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Record, RestoreError> {
         Ok(Record::Meta(json(key, value)?))
     } else if let Some(segment) = key.strip_prefix(SEGMENT_PREFIX) {
         Ok(Record::Segment(segment.to_string(), json(key, value)?))
-    } else if let Some(id) = key.strip_prefix(REQUEST_PREFIX) {
-        let r: RequestRecord = json(key, value)?;
-        if r.request.request_id != id {
-            return Err(invalid("holds another request id"));
-        }
-        Ok(Record::Request(r))
+    } else if let Some(segment) = key.strip_prefix(QUEUE_PREFIX) {
+        let q: QueueRecord = json(key, value)?;
+        let requests = q
+            .requests()
+            .ok_or_else(|| invalid("offsets are not ascending, or a position is out of range"))?;
+        Ok(Record::Queue(segment.to_string(), requests))
+    } else if key.starts_with(LEGACY_REQUEST_PREFIX) {
+        Err(invalid(
+            "a pending request in the state format before queue records; \
+             this worker cannot restore it: let the pipeline drain with the old worker image first",
+        ))
     } else if key.starts_with(COOLDOWN_PREFIX) {
         let c: CooldownRecord = json(key, value)?;
         let [a, b] = &c.users;
@@ -208,7 +297,7 @@ mod tests {
 
     #[test]
     fn keys_are_short_and_unambiguous() {
-        assert_eq!(request_key("r1"), "r/r1");
+        assert_eq!(queue_key("eu"), "q/eu");
         assert_eq!(segment_key("eu"), "s/eu");
         assert_eq!(
             cooldown_key(&UserPair::new("bob", "ann")),
@@ -266,7 +355,54 @@ mod tests {
             decode("zz", b"{}"),
             Err(RestoreError::UnknownKey(_))
         ));
+        assert!(matches!(
+            decode("r/x", b"{}"),
+            Err(RestoreError::Invalid { .. })
+        ));
         let meta = MetaRecord::default();
         assert_eq!(decode("m", &encode(&meta)).unwrap(), Record::Meta(meta));
+    }
+
+    #[test]
+    fn queue_records_round_trip_compactly() {
+        let a = [(100, 0), (103, 2), (150, 0)];
+        let b = [(7, 1)];
+        let q = QueueRecord::new([(1000, &a[..]), (2000, &b[..]), (3000, &[][..])]);
+        let text = String::from_utf8(encode(&q)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"windows":[{"start":1000,"offsets":[100,3,47],"waited":[[1,2]]},{"start":2000,"offsets":[7],"waited":[[0,1]]}]}"#
+        );
+        let back = decode("q/eu", text.as_bytes()).unwrap();
+        let want = |offset, window, windows| QueuedRequest {
+            offset,
+            window,
+            windows,
+        };
+        assert_eq!(
+            back,
+            Record::Queue(
+                "eu".into(),
+                vec![
+                    want(100, 1000, 0),
+                    want(103, 1000, 2),
+                    want(150, 1000, 0),
+                    want(7, 2000, 1)
+                ]
+            )
+        );
+        for bad in [
+            r#"{"windows":[{"start":1,"offsets":[5,0]}]}"#,
+            r#"{"windows":[{"start":1,"offsets":[-5]}]}"#,
+            r#"{"windows":[{"start":1,"offsets":[5],"waited":[[1,1]]}]}"#,
+        ] {
+            assert!(
+                matches!(
+                    decode("q/eu", bad.as_bytes()),
+                    Err(RestoreError::Invalid { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -180,6 +180,14 @@ impl EngineConfig {
         self.dimension
     }
 
+    /// Whether any scorer is an HTTP service (only then do windows need
+    /// [`crate::matching::PartitionEngine::due`] before they close).
+    pub fn has_http_scorers(&self) -> bool {
+        self.scorers
+            .iter()
+            .any(|s| matches!(s.kind, ScorerKind::Http { .. }))
+    }
+
     pub fn window_millis(&self) -> i64 {
         self.window_millis
     }

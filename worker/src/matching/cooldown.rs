@@ -2,7 +2,9 @@
 //! cooldown deadline (event time). Keyed by the user pair, with a TTL: an
 //! entry whose deadline the watermark has reached is dropped.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use super::hash::{FastMap, FastSet};
 
 /// A user pair in canonical order (`.0 <= .1`), so either side finds it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -23,8 +25,8 @@ impl UserPair {
 /// rather than O(window²)) and by deadline (to expire in O(expired)).
 #[derive(Debug, Clone, Default)]
 pub struct CooldownBook {
-    until: HashMap<UserPair, i64>,
-    partners: HashMap<String, HashSet<String>>,
+    until: FastMap<UserPair, i64>,
+    partners: FastMap<String, FastSet<String>>,
     deadlines: BTreeSet<(i64, UserPair)>,
 }
 
@@ -83,12 +85,12 @@ impl CooldownBook {
 
     /// Index pairs `(i, j)`, `i < j`, of `users` still in cooldown for a
     /// window starting at `start` (deadline after the start).
-    pub fn blocked(&self, users: &[&str], start: i64) -> HashSet<(u32, u32)> {
-        let mut blocked = HashSet::new();
+    pub fn blocked(&self, users: &[&str], start: i64) -> FastSet<(u32, u32)> {
+        let mut blocked = FastSet::default();
         if self.until.is_empty() {
             return blocked;
         }
-        let mut index: HashMap<&str, Vec<u32>> = HashMap::new();
+        let mut index: FastMap<&str, Vec<u32>> = FastMap::default();
         for (i, u) in users.iter().enumerate() {
             index.entry(u).or_default().push(i as u32);
         }
@@ -132,11 +134,11 @@ mod tests {
         book.insert(UserPair::new("cat", "ann"), 3000);
         let users = ["bob", "cat", "ann", "dan"];
         let blocked = book.blocked(&users, 2000);
-        assert_eq!(blocked, HashSet::from([(0, 2), (1, 2)]));
+        assert_eq!(blocked, FastSet::from_iter([(0, 2), (1, 2)]));
         let blocked = book.blocked(&users, 3000);
         assert_eq!(
             blocked,
-            HashSet::from([(0, 2)]),
+            FastSet::from_iter([(0, 2)]),
             "deadline 3000 is not after start 3000"
         );
         assert!(book.blocked(&["bob", "dan"], 0).is_empty());

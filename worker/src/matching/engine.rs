@@ -2,7 +2,7 @@
 //! watermark, leftovers, cooldowns, bandit, counters — and its changelog.
 //! The semantics are in the docs of [`crate::matching`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use matchfleet_api::feedback::{FeedbackSample, MatchOutcome};
 use matchfleet_api::match_pipeline::BuiltinScorer;
@@ -13,13 +13,14 @@ use thiserror::Error;
 
 use super::bandit::{self, ArmStats};
 use super::changelog::{
-    self, cooldown_key, encode, join_key, request_key, segment_key, Counters, MetaRecord, Record,
-    RequestRecord, RestoreError, SegmentRecord, META_KEY,
+    self, cooldown_key, encode, join_key, queue_key, segment_key, Counters, MetaRecord,
+    QueueRecord, QueuedRequest, Record, RestoreError, SegmentRecord, META_KEY,
 };
 use super::config::{EngineConfig, ScorerKind};
 use super::cooldown::{CooldownBook, UserPair};
 use super::digest::{self, Digest};
 use super::feedback::{JoinBook, JoinRecord};
+use super::hash::{FastMap, FastSet};
 use super::matchmaker::{match_window, MatchParams, Pair};
 use super::pairing::{Scores, WindowFilter, WindowPairs};
 use super::score::FeatureMatrix;
@@ -100,37 +101,127 @@ pub enum OutcomeFate {
 #[derive(Debug, Clone)]
 struct Pending {
     request: MatchRequest,
-    seq: u64,
+    /// Its offset in the request partition: where a restore re-reads it, and
+    /// the ingest order (the tie-breaker everywhere).
+    offset: i64,
     window: i64,
     windows: u32,
-}
-
-impl Pending {
-    fn record(&self) -> RequestRecord {
-        RequestRecord {
-            request: self.request.clone(),
-            seq: self.seq,
-            window: self.window,
-            windows: self.windows,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default)]
 struct Segment {
     record: SegmentRecord,
-    /// Pending request ids by window start, then sequence number (derived
-    /// from the requests, not persisted).
-    windows: BTreeMap<i64, BTreeMap<u64, String>>,
+    /// Pending request ids by window start, then offset.
+    windows: BTreeMap<i64, BTreeMap<i64, String>>,
+    /// Whether the pending requests changed since the last `take_changes`.
+    queue_changed: bool,
 }
 
-/// A changelog key that may have changed since the last `take_changes`.
+impl Segment {
+    fn queue_record(&self, requests: &FastMap<String, Pending>) -> QueueRecord {
+        let windows: Vec<(i64, Vec<(i64, u32)>)> = self
+            .windows
+            .iter()
+            .map(|(&start, members)| {
+                let waited = members
+                    .iter()
+                    .map(|(&offset, id)| (offset, requests.get(id).map_or(0, |p| p.windows)))
+                    .collect();
+                (start, waited)
+            })
+            .collect();
+        QueueRecord::new(windows.iter().map(|(start, w)| (*start, w.as_slice())))
+    }
+}
+
+/// A changelog key that may have changed since the last `take_changes`
+/// (queues are flagged on their segment: they change with every request).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Dirty {
     Segment(String),
-    Request(String),
     Cooldown(UserPair),
     Join(String),
+}
+
+/// A restore in progress: the changelog is read; the pending requests it
+/// names are still to be re-read from the request partition.
+#[derive(Debug)]
+pub struct Restoring {
+    engine: PartitionEngine,
+    /// By offset: (segment, window, windows waited).
+    queued: BTreeMap<i64, (String, QueuedRequest)>,
+}
+
+impl Restoring {
+    /// The request offsets to re-read, `[first, last]`; None when nothing is pending.
+    pub fn replay_range(&self) -> Option<(i64, i64)> {
+        let first = *self.queued.keys().next()?;
+        let last = *self.queued.keys().next_back()?;
+        Some((first, last))
+    }
+
+    /// Whether the record at `offset` is a pending request.
+    pub fn wants(&self, offset: i64) -> bool {
+        self.queued.contains_key(&offset)
+    }
+
+    /// Completes the restore with the re-read requests (`(offset, request)`
+    /// for each offset in `replay_range` that [`Self::wants`]; others are
+    /// ignored). Every pending request must be among them, of its segment,
+    /// and fit the configuration.
+    pub fn finish(
+        self,
+        replayed: impl IntoIterator<Item = (i64, MatchRequest)>,
+    ) -> Result<PartitionEngine, RestoreError> {
+        let Restoring {
+            mut engine,
+            mut queued,
+        } = self;
+        for (offset, request) in replayed {
+            let Some((segment, q)) = queued.remove(&offset) else {
+                continue;
+            };
+            let fail = |reason: String| RestoreError::Replay { offset, reason };
+            if request.segment != segment {
+                return Err(fail(format!(
+                    "it is of segment {:?}, its queue is {segment:?}",
+                    request.segment
+                )));
+            }
+            check_request(&request, engine.config.dimension).map_err(|e| fail(e.to_string()))?;
+            if engine.requests.contains_key(&request.request_id) {
+                return Err(fail(format!(
+                    "request id {:?} is pending twice",
+                    request.request_id
+                )));
+            }
+            let id = request.request_id.clone();
+            engine
+                .segments
+                .entry(segment)
+                .or_default()
+                .windows
+                .entry(q.window)
+                .or_default()
+                .insert(offset, id.clone());
+            engine.requests.insert(
+                id,
+                Pending {
+                    request,
+                    offset,
+                    window: q.window,
+                    windows: q.windows,
+                },
+            );
+        }
+        match queued.keys().next() {
+            Some(&offset) => Err(RestoreError::Replay {
+                offset,
+                reason: "not found in the request partition (deleted by retention?)".into(),
+            }),
+            None => Ok(engine),
+        }
+    }
 }
 
 /// The matchmaking state of one input partition. Pure: time comes in as
@@ -140,17 +231,18 @@ pub struct PartitionEngine {
     partition: i32,
     config: EngineConfig,
     clock: EventClock,
-    next_seq: u64,
     counters: Counters,
     segments: BTreeMap<String, Segment>,
-    requests: HashMap<String, Pending>,
+    requests: FastMap<String, Pending>,
     cooldowns: CooldownBook,
     /// Matches waiting for their outcome (feedback join).
     joins: JoinBook,
     outcome_clock: EventClock,
     dirty: BTreeSet<Dirty>,
-    /// `r/`, `c/` and `j/` keys whose last change written was an upsert.
-    persisted: HashSet<String>,
+    /// `q/`, `c/` and `j/` keys whose last change written was an upsert.
+    persisted: FastSet<String>,
+    /// Windows closed by this engine (not state: a metric).
+    windows_closed: u64,
     /// The meta value last written (or restored).
     last_meta: Option<Vec<u8>>,
 }
@@ -161,27 +253,29 @@ impl PartitionEngine {
             partition,
             config,
             clock: EventClock::default(),
-            next_seq: 0,
             counters: Counters::default(),
             segments: BTreeMap::new(),
-            requests: HashMap::new(),
+            requests: FastMap::default(),
             cooldowns: CooldownBook::default(),
             joins: JoinBook::default(),
             outcome_clock: EventClock::default(),
             dirty: BTreeSet::new(),
-            persisted: HashSet::new(),
+            persisted: FastSet::default(),
+            windows_closed: 0,
             last_meta: None,
         }
     }
 
     /// Rebuilds the engine from its changelog: `(key, Some(value))` upserts
     /// and `(key, None)` tombstones in log order, the last per key winning.
-    /// Restored requests must fit `config` (vector dimension, event time).
+    /// Pending requests are then re-read from the request partition
+    /// ([`Restoring::finish`]); they must fit `config` (vector dimension,
+    /// event time).
     pub fn restore(
         partition: i32,
         config: EngineConfig,
         records: impl IntoIterator<Item = (String, Option<Vec<u8>>)>,
-    ) -> Result<Self, RestoreError> {
+    ) -> Result<Restoring, RestoreError> {
         let mut latest: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         for (key, value) in records {
             match value {
@@ -190,11 +284,11 @@ impl PartitionEngine {
             };
         }
         let mut e = PartitionEngine::new(partition, config);
+        let mut queued = BTreeMap::new();
         for (key, value) in latest {
             match changelog::decode(&key, &value)? {
                 Record::Meta(m) => {
                     e.clock = m.clock;
-                    e.next_seq = m.next_seq;
                     e.counters = m.counters;
                     e.outcome_clock = m.outcome_clock;
                     e.last_meta = Some(value);
@@ -202,30 +296,15 @@ impl PartitionEngine {
                 Record::Segment(name, record) => {
                     e.segments.entry(name).or_default().record = record;
                 }
-                Record::Request(r) => {
-                    if let Err(err) = check_request(&r.request, e.config.dimension) {
-                        return Err(RestoreError::Invalid {
-                            key,
-                            reason: err.to_string(),
-                        });
+                Record::Queue(segment, requests) => {
+                    for q in requests {
+                        if queued.insert(q.offset, (segment.clone(), q)).is_some() {
+                            return Err(RestoreError::Invalid {
+                                key,
+                                reason: format!("offset {} is queued twice", q.offset),
+                            });
+                        }
                     }
-                    let id = r.request.request_id.clone();
-                    e.segments
-                        .entry(r.request.segment.clone())
-                        .or_default()
-                        .windows
-                        .entry(r.window)
-                        .or_default()
-                        .insert(r.seq, id.clone());
-                    e.requests.insert(
-                        id,
-                        Pending {
-                            request: r.request,
-                            seq: r.seq,
-                            window: r.window,
-                            windows: r.windows,
-                        },
-                    );
                     e.persisted.insert(key);
                 }
                 Record::Cooldown(pair, until) => {
@@ -244,7 +323,7 @@ impl PartitionEngine {
                 }
             }
         }
-        Ok(e)
+        Ok(Restoring { engine: e, queued })
     }
 
     pub fn partition(&self) -> i32 {
@@ -255,13 +334,14 @@ impl PartitionEngine {
         &self.config
     }
 
-    /// Takes one request (records arrive in offset order; `now` is the wall
-    /// clock in ms). Returns the result when it is settled at once (too
+    /// Takes one request, read at `offset` of the request partition (records
+    /// arrive in offset order; `now` is the wall clock in ms). Returns the result when it is settled at once (too
     /// late); otherwise it waits for its window. A refused request changes
     /// nothing: the caller dead-letters it (and calls `record_dead_letter`).
     pub fn ingest(
         &mut self,
         req: MatchRequest,
+        offset: i64,
         now: i64,
     ) -> Result<Option<MatchResult>, IngestError> {
         check_request(&req, self.config.dimension)?;
@@ -272,8 +352,6 @@ impl PartitionEngine {
         self.clock
             .observe(req.event_time, now, cfg.out_of_order_millis);
         self.counters.requests += 1;
-        let seq = self.next_seq;
-        self.next_seq += 1;
 
         let own = window_start(req.event_time, cfg.window_millis);
         let closed_until = self
@@ -293,24 +371,26 @@ impl PartitionEngine {
         };
         let id = req.request_id.clone();
         // A new segment needs no record yet: restore derives its windows
-        // from the requests, and an empty record is the default.
-        self.segments
-            .entry(req.segment.clone())
-            .or_default()
+        // from the queue, and an empty record is the default.
+        let segment = match self.segments.get_mut(&req.segment) {
+            Some(s) => s,
+            None => self.segments.entry(req.segment.clone()).or_default(),
+        };
+        segment
             .windows
             .entry(window)
             .or_default()
-            .insert(seq, id.clone());
+            .insert(offset, id.clone());
+        segment.queue_changed = true;
         self.requests.insert(
-            id.clone(),
+            id,
             Pending {
                 request: req,
-                seq,
+                offset,
                 window,
                 windows: 0,
             },
         );
-        self.dirty.insert(Dirty::Request(id));
         Ok(None)
     }
 
@@ -516,22 +596,28 @@ impl PartitionEngine {
         results
     }
 
-    /// The changelog delta since the last call, one entry per key, in key
-    /// order: upserts of what changed and still exists, tombstones of what
-    /// was written before and is gone.
+    /// The changelog delta since the last call, one entry per key, in a
+    /// deterministic order (queues, then segments, cooldowns and joins each
+    /// by key, then the meta record): upserts of what changed and still
+    /// exists, tombstones of what was written before and is gone.
     pub fn take_changes(&mut self) -> Vec<(String, Option<Vec<u8>>)> {
         let mut out = Vec::new();
+        let mut queues = Vec::new();
+        for (name, seg) in self.segments.iter_mut().filter(|(_, s)| s.queue_changed) {
+            seg.queue_changed = false;
+            let value =
+                (!seg.windows.is_empty()).then(|| encode(&seg.queue_record(&self.requests)));
+            queues.push((queue_key(name), value));
+        }
+        for (key, value) in queues {
+            self.push_change(&mut out, key, value);
+        }
         for d in std::mem::take(&mut self.dirty) {
             match d {
                 Dirty::Segment(name) => {
                     if let Some(seg) = self.segments.get(&name) {
                         out.push((segment_key(&name), Some(encode(&seg.record))));
                     }
-                }
-                Dirty::Request(id) => {
-                    let key = request_key(&id);
-                    let value = self.requests.get(&id).map(|p| encode(&p.record()));
-                    self.push_change(&mut out, key, value);
                 }
                 Dirty::Cooldown(pair) => {
                     let key = cooldown_key(&pair);
@@ -551,7 +637,6 @@ impl PartitionEngine {
         }
         let meta = encode(&MetaRecord {
             clock: self.clock.clone(),
-            next_seq: self.next_seq,
             counters: self.counters.clone(),
             outcome_clock: self.outcome_clock.clone(),
         });
@@ -559,8 +644,12 @@ impl PartitionEngine {
             self.last_meta = Some(meta.clone());
             out.push((META_KEY.to_string(), Some(meta)));
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// Windows this engine closed since it was made or restored.
+    pub fn windows_closed(&self) -> u64 {
+        self.windows_closed
     }
 
     pub fn counters(&self) -> BTreeMap<String, u64> {
@@ -636,7 +725,7 @@ impl PartitionEngine {
             .into_iter()
             .flat_map(|m| m.values())
             .filter_map(|id| self.requests.get(id));
-        let mut best: HashMap<&str, &Pending> = HashMap::new();
+        let mut best: FastMap<&str, &Pending> = FastMap::default();
         let mut all = Vec::new();
         for p in members {
             all.push(p);
@@ -647,7 +736,7 @@ impl PartitionEngine {
         }
         all.into_iter().partition(|p| {
             best.get(p.request.user.as_str())
-                .is_some_and(|b| b.seq == p.seq)
+                .is_some_and(|b| b.offset == p.offset)
         })
     }
 
@@ -686,6 +775,7 @@ impl PartitionEngine {
         results: &mut Vec<MatchResult>,
     ) {
         let end = start + self.config.window_millis;
+        self.windows_closed += 1;
         let (participants, held_back) = self.participants(segment, start);
         let ids: Vec<String> = participants
             .iter()
@@ -742,8 +832,7 @@ impl PartitionEngine {
             p.windows += 1;
             if p.windows < max_wait {
                 p.window = end;
-                carried.push((p.seq, id.clone()));
-                self.dirty.insert(Dirty::Request(id.clone()));
+                carried.push((p.offset, id.clone()));
             } else if let Some(p) = self.settle(id) {
                 self.counters.expired += 1;
                 results.push(self.expired(&p.request, p.windows, ExpiryReason::NoPartner, now));
@@ -755,6 +844,7 @@ impl PartitionEngine {
         if !carried.is_empty() {
             seg.windows.entry(end).or_default().extend(carried);
         }
+        seg.queue_changed = true;
         seg.record.chosen.remove(&start);
         seg.record.closed_until = Some(seg.record.closed_until.map_or(end, |c| c.max(end)));
         self.dirty.insert(Dirty::Segment(segment.to_string()));
@@ -851,13 +941,13 @@ impl PartitionEngine {
         let p = self.requests.remove(id)?;
         if let Some(seg) = self.segments.get_mut(&p.request.segment) {
             if let Some(w) = seg.windows.get_mut(&p.window) {
-                w.remove(&p.seq);
+                w.remove(&p.offset);
                 if w.is_empty() {
                     seg.windows.remove(&p.window);
                 }
             }
+            seg.queue_changed = true;
         }
-        self.dirty.insert(Dirty::Request(id.to_string()));
         Some(p)
     }
 

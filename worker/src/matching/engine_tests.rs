@@ -3,6 +3,7 @@
 //! changelog at any point changes nothing, and every request is settled
 //! exactly once within the rules.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use matchfleet_api::feedback::{FeedbackSample, Label, MatchOutcome};
@@ -86,8 +87,56 @@ fn none() -> HashMap<WindowId, Vec<f32>> {
     HashMap::new()
 }
 
+thread_local! {
+    /// The request partition of the case tests: every request offered to an
+    /// engine, at its offset (each test runs on its own thread).
+    static SOURCE: RefCell<Vec<MatchRequest>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Appends `r` to the test's request partition; its offset.
+fn append(r: &MatchRequest) -> i64 {
+    SOURCE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.push(r.clone());
+        s.len() as i64 - 1
+    })
+}
+
 fn ingest(e: &mut PartitionEngine, r: MatchRequest, now: i64) -> Option<MatchResult> {
-    e.ingest(r, now).expect("a valid request")
+    let offset = append(&r);
+    e.ingest(r, offset, now).expect("a valid request")
+}
+
+/// Ingests `r` (pending, at now 0); its offset.
+fn ingest_at(e: &mut PartitionEngine, r: MatchRequest) -> i64 {
+    let offset = append(&r);
+    assert_eq!(e.ingest(r, offset, 0), Ok(None));
+    offset
+}
+
+/// Finishes a restore from `source` (the requests by offset), as the worker
+/// does from the request partition.
+fn replay(restoring: Restoring, source: &[MatchRequest]) -> Result<PartitionEngine, RestoreError> {
+    let wanted: Vec<(i64, MatchRequest)> = restoring
+        .replay_range()
+        .map(|(first, last)| {
+            (first..=last)
+                .filter(|&o| restoring.wants(o))
+                .filter_map(|o| Some((o, source.get(usize::try_from(o).ok()?)?.clone())))
+                .collect()
+        })
+        .unwrap_or_default();
+    restoring.finish(wanted)
+}
+
+/// Restores from `log` and the test's request partition.
+fn restore(
+    partition: i32,
+    config: EngineConfig,
+    log: Vec<(String, Option<Vec<u8>>)>,
+) -> Result<PartitionEngine, RestoreError> {
+    let restoring = PartitionEngine::restore(partition, config, log)?;
+    SOURCE.with(|s| replay(restoring, &s.borrow()))
 }
 
 fn matched_ids(results: &[MatchResult]) -> Vec<(String, String)> {
@@ -451,15 +500,15 @@ fn refused_requests_change_nothing() {
     let mut e = engine(&settings());
     let mut bad = req("r1", "bob", 100, "m", [1.0, 0.0]);
     bad.vector.push(1.0);
-    assert!(matches!(e.ingest(bad, 0), Err(IngestError::Invalid(_))));
+    assert!(matches!(e.ingest(bad, 0, 0), Err(IngestError::Invalid(_))));
     let far = req("r1", "bob", i64::MAX, "m", [1.0, 0.0]);
     assert_eq!(
-        e.ingest(far, 0),
+        e.ingest(far, 1, 0),
         Err(IngestError::EventTimeOutOfRange(i64::MAX))
     );
     ingest(&mut e, req("r1", "bob", 100, "m", [1.0, 0.0]), 0);
     assert_eq!(
-        e.ingest(req("r1", "bob", 100, "m", [1.0, 0.0]), 0),
+        e.ingest(req("r1", "bob", 100, "m", [1.0, 0.0]), 99, 0),
         Err(IngestError::Duplicate("r1".into()))
     );
     e.record_dead_letter();
@@ -469,22 +518,33 @@ fn refused_requests_change_nothing() {
 }
 
 #[test]
-fn requests_settled_between_two_deltas_never_reach_the_changelog() {
+fn the_queue_names_pending_requests_by_offset_and_goes_when_empty() {
     let mut e = engine(&settings());
     ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);
     ingest(&mut e, req("b", "bob", 100, "m", [1.0, 0.2]), 0);
-    ingest(&mut e, req("c", "cat", 100, "f", [0.0, 1.0]), 0);
-    ingest(&mut e, req("d", "dan", 1300, "f", [1.0, 0.0]), 0);
+    let c = ingest_at(&mut e, req("c", "cat", 100, "f", [0.0, 1.0]));
+    let d = ingest_at(&mut e, req("d", "dan", 1300, "f", [1.0, 0.0]));
     assert_eq!(e.close(0, &none()).len(), 1);
-    let keys: Vec<String> = e
-        .take_changes()
-        .into_iter()
+    let changes = e.take_changes();
+    let keys: Vec<&str> = changes
+        .iter()
         .map(|(k, v)| {
             assert!(v.is_some(), "{k}: nothing to tombstone yet");
-            k
+            k.as_str()
         })
         .collect();
-    assert_eq!(keys, vec![r#"c/["ann","bob"]"#, "m", "r/c", "r/d", "s/s"]);
+    assert_eq!(keys, vec!["q/s", "s/s", r#"c/["ann","bob"]"#, "m"]);
+    let queue = changes.iter().find(|(k, _)| k == "q/s").unwrap();
+    let queued = |window, windows, offset| changelog::QueuedRequest {
+        offset,
+        window,
+        windows,
+    };
+    assert_eq!(
+        changelog::decode(&queue.0, queue.1.as_deref().unwrap()).unwrap(),
+        changelog::Record::Queue("s".into(), vec![queued(1000, 1, c), queued(1000, 0, d)]),
+        "c carried into d's window after one window; only offsets, no bodies"
+    );
     assert!(e.take_changes().is_empty(), "nothing changed since");
 
     let results = e.close(100_000, &none());
@@ -494,11 +554,13 @@ fn requests_settled_between_two_deltas_never_reach_the_changelog() {
         changes[r#"c/["ann","bob"]"#], None,
         "cooldown over: tombstoned"
     );
-    assert_eq!(changes["r/c"], None);
-    assert_eq!(changes["r/d"], None);
+    assert_eq!(
+        changes["q/s"], None,
+        "nothing pending: the queue is tombstoned"
+    );
     assert!(changes["m"].is_some() && changes["s/s"].is_some());
 
-    let restored = PartitionEngine::restore(7, e.config().clone(), std::iter::empty()).unwrap();
+    let restored = restore(7, e.config().clone(), Vec::new()).unwrap();
     assert_eq!(restored.pending(), 0);
 }
 
@@ -519,21 +581,35 @@ fn restore_refuses_records_it_cannot_use() {
 
     // A pending request of another dimension (the pipeline's changed).
     let mut e = engine(&settings());
-    ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);
+    let a = ingest_at(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]));
     let log = e.take_changes();
     let mut s3 = settings();
     s3.features.dimension = 3;
-    let err = PartitionEngine::restore(0, EngineConfig::from_settings(&s3).unwrap(), log.clone())
-        .unwrap_err();
+    let err = restore(0, EngineConfig::from_settings(&s3).unwrap(), log.clone()).unwrap_err();
     assert!(
-        matches!(err, RestoreError::Invalid { ref key, .. } if key == "r/a"),
+        matches!(err, RestoreError::Replay { offset, .. } if offset == a),
         "{err}"
     );
+    // The request partition lost it (retention), or holds another segment there.
+    let restoring = PartitionEngine::restore(0, config.clone(), log.clone()).unwrap();
+    assert_eq!(restoring.replay_range(), Some((a, a)));
+    let err = restoring.finish(Vec::new()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not found in the request partition"),
+        "{err}"
+    );
+    let mut other = req("a", "ann", 100, "f", [1.0, 0.0]);
+    other.segment = "t".into();
+    let err = PartitionEngine::restore(0, config.clone(), log.clone())
+        .unwrap()
+        .finish([(a, other)])
+        .unwrap_err();
+    assert!(err.to_string().contains("segment"), "{err}");
     // A tombstone later in the log wins.
     let mut with_tombstone = log;
-    with_tombstone.push(("r/a".into(), None));
-    let e = PartitionEngine::restore(0, EngineConfig::from_settings(&s3).unwrap(), with_tombstone)
-        .unwrap();
+    with_tombstone.push(("q/s".into(), None));
+    let e = restore(0, EngineConfig::from_settings(&s3).unwrap(), with_tombstone).unwrap();
     assert_eq!(e.pending(), 0);
 }
 
@@ -660,7 +736,7 @@ fn outcomes_join_once_within_the_ttl_and_the_rest_is_counted() {
     // A restart keeps the join: the duplicate is still one.
     let log = e.take_changes();
     assert!(log.iter().any(|(k, v)| k.starts_with("j/") && v.is_some()));
-    let mut e = PartitionEngine::restore(7, e.config().clone(), log.clone()).unwrap();
+    let mut e = restore(7, e.config().clone(), log.clone()).unwrap();
     assert_eq!(
         e.ingest_outcome(outcome(&ids[0], 12_600, 90), 12_600),
         Ok(OutcomeFate::Duplicate)
@@ -891,6 +967,8 @@ fn run(
     ops: &[Op],
     restart: bool,
 ) -> Vec<Seen> {
+    // The request partition: each ingested request at its offset.
+    let mut source: Vec<MatchRequest> = Vec::new();
     let mut seen = Vec::new();
     let mut matches = Vec::new();
     let mut now = 10_000;
@@ -899,7 +977,9 @@ fn run(
             Op::Ingest { .. } => {
                 now += 37;
                 let r = prop_request(i, op, now).unwrap_or_else(|| unreachable!());
-                seen.push(Seen::Ingest(engine.ingest(r, now)));
+                let offset = source.len() as i64;
+                source.push(r.clone());
+                seen.push(Seen::Ingest(engine.ingest(r, offset, now)));
             }
             Op::Outcome { .. } => {
                 now += 11;
@@ -946,12 +1026,14 @@ fn run(
                 log.extend(changes.iter().cloned());
                 seen.push(Seen::Changes(changes));
                 if restart && matches!(op, Op::Restart) {
-                    *engine = PartitionEngine::restore(
+                    let restoring = PartitionEngine::restore(
                         engine.partition(),
                         engine.config().clone(),
                         log.clone(),
                     )
                     .expect("the engine's own changelog restores");
+                    *engine = replay(restoring, &source)
+                        .expect("the pending requests are in the request partition");
                 }
             }
         }
@@ -1036,7 +1118,7 @@ proptest! {
                     let r = prop_request(i, op, now).unwrap_or_else(|| unreachable!());
                     let id = r.request_id.clone();
                     requests.insert(id, r.clone());
-                    if let Some(result) = e.ingest(r, now).expect("valid") {
+                    if let Some(result) = e.ingest(r, i as i64, now).expect("valid") {
                         check(vec![result], None, &requests)?;
                     }
                 }
@@ -1081,7 +1163,7 @@ proptest! {
                 Op::Ingest { .. } => {
                     now += 37;
                     let r = prop_request(i, op, now).unwrap_or_else(|| unreachable!());
-                    let _ = e.ingest(r, now);
+                    let _ = e.ingest(r, i as i64, now);
                 }
                 Op::Close { advance, .. } | Op::Due { advance } => {
                     now += advance;

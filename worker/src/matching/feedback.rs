@@ -4,7 +4,9 @@
 //! Pure bookkeeping; the rules (when an outcome joins, what the reward is)
 //! are in [`crate::matching`]'s docs and applied by the engine.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use super::hash::FastMap;
 
 use matchfleet_api::feedback::{FeedbackSample, Label, MatchOutcome};
 use serde::{Deserialize, Serialize};
@@ -84,7 +86,7 @@ impl JoinRecord {
 /// The matches waiting for their deadline, by id and by deadline.
 #[derive(Debug, Clone, Default)]
 pub struct JoinBook {
-    joins: HashMap<String, JoinRecord>,
+    joins: FastMap<String, JoinRecord>,
     by_deadline: BTreeSet<(i64, String)>,
 }
 

@@ -103,6 +103,39 @@ impl Edge {
             hi: a.max(b),
         }
     }
+
+    /// The edge as one integer whose ascending order is the greedy's order
+    /// (best first), for windows of at most 2¹⁶ requests: sorting these is
+    /// several times cheaper than sorting edges with `cmp`, and the greedy
+    /// sorts n · K of them per window.
+    fn sort_key(self) -> u64 {
+        // `f32::total_cmp`'s order as an unsigned integer, then flipped.
+        let bits = self.score.to_bits() as i32;
+        let ordered = (bits ^ ((((bits >> 31) as u32) >> 1) as i32)) as u32 ^ 0x8000_0000;
+        (u64::from(!ordered) << 32) | (u64::from(self.lo) << 16) | u64::from(self.hi)
+    }
+
+    fn from_sort_key(key: u64) -> Self {
+        let t = ((!((key >> 32) as u32)) ^ 0x8000_0000) as i32;
+        let bits = t ^ ((((t >> 31) as u32) >> 1) as i32);
+        Edge {
+            score: f32::from_bits(bits as u32),
+            lo: ((key >> 16) & 0xffff) as u32,
+            hi: (key & 0xffff) as u32,
+        }
+    }
+}
+
+/// Sorts edges best first.
+fn sort_best_first(edges: &mut Vec<Edge>, n: usize) {
+    if n <= 1 << 16 {
+        let mut keys: Vec<u64> = edges.iter().map(|e| e.sort_key()).collect();
+        keys.sort_unstable();
+        edges.clear();
+        edges.extend(keys.into_iter().map(Edge::from_sort_key));
+    } else {
+        edges.sort_unstable_by(|a, b| b.cmp(a));
+    }
 }
 
 impl Ord for Edge {
@@ -309,7 +342,7 @@ pub fn greedy(src: &impl PairSource, min_score: f64, top_k: usize) -> Vec<Pair> 
         }
     }
     drop(cands);
-    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    sort_best_first(&mut sorted, n);
     let mut queue = EdgeQueue {
         sorted,
         at: 0,
@@ -688,5 +721,25 @@ mod tests {
             1,
             "a score equal to minScore is allowed"
         );
+    }
+
+    proptest! {
+        /// The packed sort key orders edges exactly as `Edge::cmp` (best
+        /// first) and gives every edge back bit for bit.
+        #[test]
+        fn sort_keys_order_edges_like_cmp(
+            raw in prop::collection::vec((any::<u32>(), 0u32..65_536, 0u32..65_536), 0..200),
+        ) {
+            let edges: Vec<Edge> = raw
+                .iter()
+                .map(|&(bits, a, b)| Edge::new(f32::from_bits(bits), a, b))
+                .collect();
+            let mut by_key = edges.clone();
+            sort_best_first(&mut by_key, 65_536);
+            let mut by_cmp = edges.clone();
+            by_cmp.sort_unstable_by(|a, b| b.cmp(a));
+            let bits = |v: &[Edge]| v.iter().map(|e| (e.score.to_bits(), e.lo, e.hi)).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&by_key), bits(&by_cmp));
+        }
     }
 }

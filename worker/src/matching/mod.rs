@@ -104,8 +104,10 @@
 //! # Driving it (the Kafka layer)
 //!
 //! - On acquiring a partition: [`PartitionEngine::restore`] from the
-//!   partition's changelog records, before the first input record.
-//! - Per input record: [`PartitionEngine::ingest`]. `Ok(Some(result))` is a
+//!   partition's changelog records, then [`Restoring::finish`] with the
+//!   pending requests it names, re-read from the request partition
+//!   ([`Restoring::replay_range`]), before the first input record.
+//! - Per input record: [`PartitionEngine::ingest`] with its offset. `Ok(Some(result))` is a
 //!   request settled at once (too late); `Ok(None)` waits for its window;
 //!   `Err` (invalid, event time out of range, request id already pending)
 //!   goes to the dead-letter topic, then `record_dead_letter`. There is no
@@ -124,8 +126,12 @@
 //!
 //! [`PartitionEngine::take_changes`] returns the delta since its last call
 //! (see [`changelog`] for keys and values); [`PartitionEngine::restore`]
-//! rebuilds an engine from all deltas so far that from then on behaves
-//! exactly like the original (property-tested). Results are not state: call
+//! rebuilds an engine from all deltas so far (and the pending requests'
+//! records) that from then on behaves exactly like the original
+//! (property-tested). Pending requests are state by reference: the delta
+//! names their offsets, so the request partition must keep its records for
+//! at least `maxWaitWindows` windows plus the allowed lateness (any
+//! retention in days does). Results are not state: call
 //! `take_changes` at the points where the results returned so far are
 //! committed with it, in the same transaction.
 
@@ -136,6 +142,7 @@ pub mod cooldown;
 mod digest;
 pub mod engine;
 pub mod feedback;
+pub(crate) mod hash;
 pub mod matchmaker;
 pub mod pairing;
 pub mod score;
@@ -147,7 +154,8 @@ mod engine_tests;
 pub use changelog::RestoreError;
 pub use config::{ConfigError, EngineConfig, Scorer, ScorerKind};
 pub use engine::{
-    DueWindow, HttpScoring, IngestError, OutcomeError, OutcomeFate, PartitionEngine, WindowId,
+    DueWindow, HttpScoring, IngestError, OutcomeError, OutcomeFate, PartitionEngine, Restoring,
+    WindowId,
 };
 pub use feedback::FeedbackConfig;
 

@@ -7,7 +7,7 @@
 //! a 10,000-request window; it answers exactly as
 //! [`matchfleet_api::matching::mutually_acceptable`] would (property-tested).
 
-use std::collections::{HashMap, HashSet};
+use super::hash::{FastMap, FastSet};
 
 use matchfleet_api::match_pipeline::BuiltinScorer;
 use matchfleet_api::matching::MatchRequest;
@@ -55,14 +55,14 @@ pub struct WindowFilter {
     /// Request `i` accepts gender id `g` iff bit `g` of `wants[i * words..]`.
     wants: Vec<u64>,
     /// Index pairs `(lo, hi)` in cooldown.
-    blocked: HashSet<(u32, u32)>,
+    blocked: FastSet<(u32, u32)>,
 }
 
 impl WindowFilter {
     /// Compiles `requests` (in window order) for a window starting at `start`.
     pub fn new(requests: &[&MatchRequest], cooldowns: &CooldownBook, start: i64) -> Self {
-        let mut users: HashMap<&str, u32> = HashMap::new();
-        let mut genders: HashMap<&str, u32> = HashMap::new();
+        let mut users: FastMap<&str, u32> = FastMap::default();
+        let mut genders: FastMap<&str, u32> = FastMap::default();
         let mut user = Vec::with_capacity(requests.len());
         let mut gender = Vec::with_capacity(requests.len());
         for r in requests {
