@@ -19,7 +19,9 @@ use super::digest::Digest;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ArmStats {
+    #[serde(with = "super::exact_float::f64_text")]
     pub successes: f64,
+    #[serde(with = "super::exact_float::f64_text")]
     pub failures: f64,
 }
 

@@ -44,6 +44,7 @@ impl FeedbackConfig {
 pub struct JoinRecord {
     pub segment: String,
     pub scorer: String,
+    #[serde(with = "super::exact_float::f32_text")]
     pub score: f32,
     pub window_end: i64,
     pub users: [String; 2],

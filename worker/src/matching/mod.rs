@@ -141,6 +141,7 @@ pub mod config;
 pub mod cooldown;
 mod digest;
 pub mod engine;
+mod exact_float;
 pub mod feedback;
 pub(crate) mod hash;
 pub mod matchmaker;
