@@ -5,6 +5,7 @@
 //! owns the user's partition, and a match that was aborted (a fenced
 //! owner's) never nudges anyone.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,17 +29,17 @@ const RECENT_PER_USER: usize = 8;
 const USERS_KEPT: usize = 200_000;
 
 /// Every worker stores every match of the pipeline here (twice, once per
-/// user): shared, not copied, and hashed with foldhash - this was ~6% of a
-/// loaded worker's core with per-user copies and SipHash.
+/// user), as the record it read: shared, not copied, parsed again only when
+/// asked for, and hashed with foldhash.
 #[derive(Default)]
 struct Recent {
-    by_user: FastMap<String, VecDeque<Arc<MatchResult>>>,
+    by_user: FastMap<String, VecDeque<Arc<[u8]>>>,
     /// Users in the order they were first stored, for eviction.
     order: VecDeque<String>,
 }
 
 impl Recent {
-    fn remember(&mut self, user: &str, result: &Arc<MatchResult>) {
+    fn remember(&mut self, user: &str, result: &Arc<[u8]>) {
         let list = match self.by_user.get_mut(user) {
             Some(list) => list,
             None => {
@@ -96,28 +97,35 @@ impl Feed {
 
     /// The user's recent matches, oldest first.
     pub fn recent(&self, user: &str) -> Vec<MatchResult> {
-        self.recent
+        let records: Vec<Arc<[u8]>> = self
+            .recent
             .lock()
             .ok()
-            .and_then(|r| {
-                r.by_user
-                    .get(user)
-                    .map(|l| l.iter().map(|m| MatchResult::clone(m)).collect())
-            })
-            .unwrap_or_default()
+            .and_then(|r| r.by_user.get(user).map(|l| l.iter().cloned().collect()))
+            .unwrap_or_default();
+        records
+            .iter()
+            .filter_map(|r| serde_json::from_slice(r).ok())
+            .collect()
     }
 
-    /// Records a committed result and nudges its users; returns nudges sent.
-    pub fn publish(&self, result: Arc<MatchResult>) -> u64 {
-        let MatchResult::Matched {
-            match_id, users, ..
-        } = result.as_ref()
-        else {
+    /// Records a committed result record (a `MatchResult` as JSON) and
+    /// nudges its users; returns nudges sent. Only the fields it needs are
+    /// parsed: every worker reads every result of the pipeline, and parsing
+    /// whole results (an internally tagged enum, buffered by serde) cost ~5%
+    /// of a loaded worker's core.
+    pub fn publish(&self, record: &[u8]) -> u64 {
+        let Ok(view) = serde_json::from_slice::<FeedView<'_>>(record) else {
             return 0;
         };
+        let (Some(match_id), "matched") = (view.match_id, view.kind.as_ref()) else {
+            return 0;
+        };
+        let users = view.users;
+        let shared: Arc<[u8]> = Arc::from(record);
         if let Ok(mut recent) = self.recent.lock() {
-            for u in users {
-                recent.remember(&u.user, &result);
+            for u in &users {
+                recent.remember(&u.user, &shared);
             }
         }
         let Ok(mut subs) = self.subscribers.lock() else {
@@ -125,20 +133,39 @@ impl Feed {
         };
         let mut sent = 0;
         for u in users {
-            if let Some(channels) = subs.get_mut(&u.user) {
+            if let Some(channels) = subs.get_mut(u.user.as_ref()) {
                 let nudge = Nudge {
-                    user: u.user.clone(),
-                    match_id: match_id.clone(),
+                    user: u.user.to_string(),
+                    match_id: match_id.to_string(),
                 };
                 channels.retain(|tx| tx.send(nudge.clone()).is_ok());
                 sent += channels.len() as u64;
                 if channels.is_empty() {
-                    subs.remove(&u.user);
+                    subs.remove(u.user.as_ref());
                 }
             }
         }
         sent
     }
+}
+
+/// What the feed reads of a result record (`MatchResult`'s JSON): a plain
+/// struct, so serde skips the rest without buffering it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FeedView<'a> {
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    match_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    users: Vec<UserView<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct UserView<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
 }
 
 /// Tails the results topic from its end until `stop`.
@@ -182,10 +209,9 @@ pub async fn tail(
             _ = stop.cancelled() => return,
             next = stream.next() => match next {
                 Some(Ok(m)) => {
-                    let Some(result) = m.payload().and_then(|p| serde_json::from_slice::<MatchResult>(p).ok()) else {
-                        continue;
-                    };
-                    MatchMetrics::add(&metrics.nudges_sent, feed.publish(Arc::new(result)));
+                    if let Some(record) = m.payload() {
+                        MatchMetrics::add(&metrics.nudges_sent, feed.publish(record));
+                    }
                 }
                 Some(Err(e)) => {
                     warn!(error = %e, "results feed: consume error");
@@ -201,6 +227,10 @@ pub async fn tail(
 mod tests {
     use super::*;
     use matchfleet_api::matching::MatchedUser;
+
+    fn record(r: MatchResult) -> Vec<u8> {
+        serde_json::to_vec(&r).unwrap()
+    }
 
     fn matched(id: &str, a: &str, b: &str) -> MatchResult {
         let user = |u: &str| MatchedUser {
@@ -225,7 +255,7 @@ mod tests {
     async fn a_connected_user_is_nudged_and_can_poll_recent_matches() {
         let feed = Feed::default();
         let mut alice = feed.subscribe("alice");
-        assert_eq!(feed.publish(Arc::new(matched("m1", "alice", "bob"))), 1);
+        assert_eq!(feed.publish(&record(matched("m1", "alice", "bob"))), 1);
         assert_eq!(
             alice.recv().await,
             Some(Nudge {
@@ -240,7 +270,7 @@ mod tests {
         );
         drop(alice);
         assert_eq!(
-            feed.publish(Arc::new(matched("m2", "alice", "carol"))),
+            feed.publish(&record(matched("m2", "alice", "carol"))),
             0,
             "gone subscribers are dropped"
         );
@@ -257,7 +287,7 @@ mod tests {
         feed.forget_closed("alice");
         feed.forget_closed("bob");
         assert_eq!(feed.subscribed_users(), 1, "bob had only a closed channel");
-        assert_eq!(feed.publish(Arc::new(matched("m1", "alice", "carol"))), 1);
+        assert_eq!(feed.publish(&record(matched("m1", "alice", "carol"))), 1);
         drop(kept);
     }
 
@@ -265,7 +295,7 @@ mod tests {
     fn recent_matches_are_bounded_per_user() {
         let feed = Feed::default();
         for i in 0..20 {
-            feed.publish(Arc::new(matched(
+            feed.publish(&record(matched(
                 &format!("m{i}"),
                 "alice",
                 &format!("u{i}"),
