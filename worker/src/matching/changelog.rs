@@ -4,15 +4,17 @@
 //! |---|---|---|
 //! | `m` | [`MetaRecord`]: clock (watermark, max event time, last ingest), next sequence number, counters | it changed |
 //! | `s/<segment>` | [`SegmentRecord`]: end of the last closed window, bandit posteriors, arms chosen for open windows | it changed |
-//! | `q/<segment>` | [`QueueRecord`]: the segment's pending requests as source offsets, by window, with windows waited | it changed (tombstoned once empty) |
+//! | `q/<segment>/<windowStart>` | [`QueueRecord`]: the window's pending requests as source offsets, with windows waited | it changed (tombstoned once empty) |
 //! | `c/["<userA>","<userB>"]` | [`CooldownRecord`]: a pair's cooldown deadline | in cooldown at a `take_changes` |
 //! | `j/<matchId>` | [`JoinRecord`]: a match waiting for (or holding) its outcome until its deadline | known at a `take_changes` |
 //!
 //! Pending requests are not copied into the changelog: the queue record
 //! names their offsets in the partition of the request topic, and a restore
 //! re-reads those (at most `maxWaitWindows` windows plus lateness back). A
-//! request costs a few bytes in one record per segment and commit instead of
-//! its whole body written once and tombstoned once.
+//! request costs a few bytes in one record per open window and commit
+//! instead of its whole body written once and tombstoned once; one record per
+//! window keeps each record small (~4 bytes per request) and leaves the
+//! windows nothing changed in alone.
 //!
 //! An expired cooldown or a finished join that was written is tombstoned
 //! (value `None`); one that came and went between two `take_changes` never
@@ -41,8 +43,8 @@ pub fn segment_key(segment: &str) -> String {
     format!("{SEGMENT_PREFIX}{segment}")
 }
 
-pub fn queue_key(segment: &str) -> String {
-    format!("{QUEUE_PREFIX}{segment}")
+pub fn queue_key(segment: &str, window_start: i64) -> String {
+    format!("{QUEUE_PREFIX}{segment}/{window_start}")
 }
 
 pub fn join_key(match_id: &str) -> String {
@@ -130,79 +132,58 @@ pub struct QueuedRequest {
     pub windows: u32,
 }
 
-/// A segment's pending requests, compactly: per window its offsets in
-/// ascending order, delta-encoded (the first one absolute), and the
-/// (position, windows waited) of those that waited at least one window.
+/// A window's pending requests, compactly: their offsets in ascending
+/// order, delta-encoded (the first one absolute), and the (position, windows
+/// waited) of those that waited at least one window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueRecord {
-    pub windows: Vec<QueuedWindow>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct QueuedWindow {
-    pub start: i64,
     pub offsets: Vec<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waited: Vec<(u32, u32)>,
 }
 
 impl QueueRecord {
-    /// From `(window start, [(offset, windows waited)] ascending by offset)`.
-    pub fn new<'a>(windows: impl IntoIterator<Item = (i64, &'a [(i64, u32)])>) -> Self {
-        let windows = windows
-            .into_iter()
-            .filter(|(_, requests)| !requests.is_empty())
-            .map(|(start, requests)| {
-                let mut previous = 0;
-                let offsets = requests
-                    .iter()
-                    .map(|&(offset, _)| {
-                        let delta = offset - previous;
-                        previous = offset;
-                        delta
-                    })
-                    .collect();
-                let waited = requests
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (_, windows))| *windows > 0)
-                    .map(|(i, &(_, windows))| (i as u32, windows))
-                    .collect();
-                QueuedWindow {
-                    start,
-                    offsets,
-                    waited,
-                }
+    /// From `[(offset, windows waited)]`, ascending by offset.
+    pub fn new(requests: &[(i64, u32)]) -> Self {
+        let mut previous = 0;
+        let offsets = requests
+            .iter()
+            .map(|&(offset, _)| {
+                let delta = offset - previous;
+                previous = offset;
+                delta
             })
             .collect();
-        QueueRecord { windows }
+        let waited = requests
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, windows))| *windows > 0)
+            .map(|(i, &(_, windows))| (i as u32, windows))
+            .collect();
+        QueueRecord { offsets, waited }
     }
 
-    /// The requests it names; None if it does not decode to ascending
-    /// offsets with valid positions.
-    pub fn requests(&self) -> Option<Vec<QueuedRequest>> {
-        let mut out = Vec::new();
-        for w in &self.windows {
-            let first = out.len();
-            let mut offset = 0i64;
-            for (i, delta) in w.offsets.iter().enumerate() {
-                if i > 0 && *delta <= 0 {
-                    return None;
-                }
-                offset = offset.checked_add(*delta)?;
-                if offset < 0 {
-                    return None;
-                }
-                out.push(QueuedRequest {
-                    offset,
-                    window: w.start,
-                    windows: 0,
-                });
+    /// The requests it names as waiting in `window`; None if it does not
+    /// decode to ascending offsets with valid positions.
+    pub fn requests(&self, window: i64) -> Option<Vec<QueuedRequest>> {
+        let mut out = Vec::with_capacity(self.offsets.len());
+        let mut offset = 0i64;
+        for (i, delta) in self.offsets.iter().enumerate() {
+            if i > 0 && *delta <= 0 {
+                return None;
             }
-            for &(i, windows) in &w.waited {
-                // Positions past this window's offsets do not exist in `out` yet.
-                out.get_mut(first + i as usize)?.windows = windows;
+            offset = offset.checked_add(*delta)?;
+            if offset < 0 {
+                return None;
             }
+            out.push(QueuedRequest {
+                offset,
+                window,
+                windows: 0,
+            });
+        }
+        for &(i, windows) in &self.waited {
+            out.get_mut(i as usize)?.windows = windows;
         }
         Some(out)
     }
@@ -260,10 +241,15 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Record, RestoreError> {
         Ok(Record::Meta(json(key, value)?))
     } else if let Some(segment) = key.strip_prefix(SEGMENT_PREFIX) {
         Ok(Record::Segment(segment.to_string(), json(key, value)?))
-    } else if let Some(segment) = key.strip_prefix(QUEUE_PREFIX) {
+    } else if let Some(rest) = key.strip_prefix(QUEUE_PREFIX) {
+        // The start is after the last '/': a segment name may contain '/'.
+        let (segment, start) = rest
+            .rsplit_once('/')
+            .and_then(|(seg, start)| Some((seg, start.parse::<i64>().ok()?)))
+            .ok_or_else(|| invalid("not q/<segment>/<window start>"))?;
         let q: QueueRecord = json(key, value)?;
         let requests = q
-            .requests()
+            .requests(start)
             .ok_or_else(|| invalid("offsets are not ascending, or a position is out of range"))?;
         Ok(Record::Queue(segment.to_string(), requests))
     } else if key.starts_with(LEGACY_REQUEST_PREFIX) {
@@ -297,7 +283,7 @@ mod tests {
 
     #[test]
     fn keys_are_short_and_unambiguous() {
-        assert_eq!(queue_key("eu"), "q/eu");
+        assert_eq!(queue_key("eu/west", -1000), "q/eu/west/-1000");
         assert_eq!(segment_key("eu"), "s/eu");
         assert_eq!(
             cooldown_key(&UserPair::new("bob", "ann")),
@@ -394,43 +380,34 @@ mod tests {
 
     #[test]
     fn queue_records_round_trip_compactly() {
-        let a = [(100, 0), (103, 2), (150, 0)];
-        let b = [(7, 1)];
-        let q = QueueRecord::new([(1000, &a[..]), (2000, &b[..]), (3000, &[][..])]);
+        let q = QueueRecord::new(&[(100, 0), (103, 2), (150, 0)]);
         let text = String::from_utf8(encode(&q)).unwrap();
-        assert_eq!(
-            text,
-            r#"{"windows":[{"start":1000,"offsets":[100,3,47],"waited":[[1,2]]},{"start":2000,"offsets":[7],"waited":[[0,1]]}]}"#
-        );
-        let back = decode("q/eu", text.as_bytes()).unwrap();
-        let want = |offset, window, windows| QueuedRequest {
+        assert_eq!(text, r#"{"offsets":[100,3,47],"waited":[[1,2]]}"#);
+        let want = |offset, windows| QueuedRequest {
             offset,
-            window,
+            window: 1000,
             windows,
         };
         assert_eq!(
-            back,
+            decode("q/eu/west/1000", text.as_bytes()).unwrap(),
             Record::Queue(
-                "eu".into(),
-                vec![
-                    want(100, 1000, 0),
-                    want(103, 1000, 2),
-                    want(150, 1000, 0),
-                    want(7, 2000, 1)
-                ]
+                "eu/west".into(),
+                vec![want(100, 0), want(103, 2), want(150, 0)]
             )
         );
-        for bad in [
-            r#"{"windows":[{"start":1,"offsets":[5,0]}]}"#,
-            r#"{"windows":[{"start":1,"offsets":[-5]}]}"#,
-            r#"{"windows":[{"start":1,"offsets":[5],"waited":[[1,1]]}]}"#,
+        for (key, bad) in [
+            ("q/eu/1", r#"{"offsets":[5,0]}"#),
+            ("q/eu/1", r#"{"offsets":[-5]}"#),
+            ("q/eu/1", r#"{"offsets":[5],"waited":[[1,1]]}"#),
+            ("q/eu", r#"{"offsets":[5]}"#),
+            ("q/eu/x", r#"{"offsets":[5]}"#),
         ] {
             assert!(
                 matches!(
-                    decode("q/eu", bad.as_bytes()),
+                    decode(key, bad.as_bytes()),
                     Err(RestoreError::Invalid { .. })
                 ),
-                "{bad}"
+                "{key} {bad}"
             );
         }
     }

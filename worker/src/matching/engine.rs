@@ -113,24 +113,19 @@ struct Segment {
     record: SegmentRecord,
     /// Pending request ids by window start, then offset.
     windows: BTreeMap<i64, BTreeMap<i64, String>>,
-    /// Whether the pending requests changed since the last `take_changes`.
-    queue_changed: bool,
+    /// Windows whose pending requests changed since the last `take_changes`.
+    changed_windows: BTreeSet<i64>,
 }
 
 impl Segment {
-    fn queue_record(&self, requests: &FastMap<String, Pending>) -> QueueRecord {
-        let windows: Vec<(i64, Vec<(i64, u32)>)> = self
-            .windows
+    /// The queue record of window `start`; None once it has no request.
+    fn queue_record(&self, start: i64, requests: &FastMap<String, Pending>) -> Option<QueueRecord> {
+        let members = self.windows.get(&start).filter(|m| !m.is_empty())?;
+        let waited: Vec<(i64, u32)> = members
             .iter()
-            .map(|(&start, members)| {
-                let waited = members
-                    .iter()
-                    .map(|(&offset, id)| (offset, requests.get(id).map_or(0, |p| p.windows)))
-                    .collect();
-                (start, waited)
-            })
+            .map(|(&offset, id)| (offset, requests.get(id).map_or(0, |p| p.windows)))
             .collect();
-        QueueRecord::new(windows.iter().map(|(start, w)| (*start, w.as_slice())))
+        Some(QueueRecord::new(&waited))
     }
 }
 
@@ -381,7 +376,7 @@ impl PartitionEngine {
             .entry(window)
             .or_default()
             .insert(offset, id.clone());
-        segment.queue_changed = true;
+        segment.changed_windows.insert(window);
         self.requests.insert(
             id,
             Pending {
@@ -603,11 +598,11 @@ impl PartitionEngine {
     pub fn take_changes(&mut self) -> Vec<(String, Option<Vec<u8>>)> {
         let mut out = Vec::new();
         let mut queues = Vec::new();
-        for (name, seg) in self.segments.iter_mut().filter(|(_, s)| s.queue_changed) {
-            seg.queue_changed = false;
-            let value =
-                (!seg.windows.is_empty()).then(|| encode(&seg.queue_record(&self.requests)));
-            queues.push((queue_key(name), value));
+        for (name, seg) in self.segments.iter_mut() {
+            for start in std::mem::take(&mut seg.changed_windows) {
+                let value = seg.queue_record(start, &self.requests).map(|q| encode(&q));
+                queues.push((queue_key(name, start), value));
+            }
         }
         for (key, value) in queues {
             self.push_change(&mut out, key, value);
@@ -844,7 +839,8 @@ impl PartitionEngine {
         if !carried.is_empty() {
             seg.windows.entry(end).or_default().extend(carried);
         }
-        seg.queue_changed = true;
+        seg.changed_windows.insert(start);
+        seg.changed_windows.insert(end);
         seg.record.chosen.remove(&start);
         seg.record.closed_until = Some(seg.record.closed_until.map_or(end, |c| c.max(end)));
         self.dirty.insert(Dirty::Segment(segment.to_string()));
@@ -946,7 +942,7 @@ impl PartitionEngine {
                     seg.windows.remove(&p.window);
                 }
             }
-            seg.queue_changed = true;
+            seg.changed_windows.insert(p.window);
         }
         Some(p)
     }

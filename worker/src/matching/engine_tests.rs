@@ -533,8 +533,8 @@ fn the_queue_names_pending_requests_by_offset_and_goes_when_empty() {
             k.as_str()
         })
         .collect();
-    assert_eq!(keys, vec!["q/s", "s/s", r#"c/["ann","bob"]"#, "m"]);
-    let queue = changes.iter().find(|(k, _)| k == "q/s").unwrap();
+    assert_eq!(keys, vec!["q/s/1000", "s/s", r#"c/["ann","bob"]"#, "m"]);
+    let queue = changes.iter().find(|(k, _)| k == "q/s/1000").unwrap();
     let queued = |window, windows, offset| changelog::QueuedRequest {
         offset,
         window,
@@ -555,7 +555,7 @@ fn the_queue_names_pending_requests_by_offset_and_goes_when_empty() {
         "cooldown over: tombstoned"
     );
     assert_eq!(
-        changes["q/s"], None,
+        changes["q/s/1000"], None,
         "nothing pending: the queue is tombstoned"
     );
     assert!(changes["m"].is_some() && changes["s/s"].is_some());
@@ -608,7 +608,7 @@ fn restore_refuses_records_it_cannot_use() {
     assert!(err.to_string().contains("segment"), "{err}");
     // A tombstone later in the log wins.
     let mut with_tombstone = log;
-    with_tombstone.push(("q/s".into(), None));
+    with_tombstone.push(("q/s/0".into(), None));
     let e = restore(0, EngineConfig::from_settings(&s3).unwrap(), with_tombstone).unwrap();
     assert_eq!(e.pending(), 0);
 }
