@@ -22,10 +22,13 @@
 //! `["touch","{output}"]`, no shell), KAFKA_BOOTSTRAP (127.0.0.1:9092).
 //! Results and their reading: BENCHMARKS.md.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +43,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
+use support::{metrics, tail, wait_ok, Children};
 use tokio::sync::{mpsc, Semaphore};
 
 /// The worker binary cargo built for this very profile.
@@ -568,18 +572,6 @@ async fn bare_loop_with_command(s: &Settings, out_dir: &Path) -> anyhow::Result<
 
 // ---------------------------------------------------------------------- fleet
 
-/// The child processes of the fleet run, killed however the run ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -609,60 +601,6 @@ fn spawn_worker(
     Ok(pid)
 }
 
-/// The last lines of a log, for an error message.
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let from = lines.len().saturating_sub(15);
-    format!("--- {} ---\n{}", log.display(), lines[from..].join("\n"))
-}
-
-/// Waits until `url` answers 2xx, failing early if a child died.
-async fn wait_ok(
-    http: &reqwest::Client,
-    url: &str,
-    children: &mut Children,
-    logs: &[PathBuf],
-) -> anyhow::Result<()> {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(url).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        for child in &mut children.0 {
-            if let Some(status) = child.try_wait()? {
-                let logs: Vec<String> = logs.iter().map(|l| tail(l)).collect();
-                bail!("a worker process exited ({status})\n{}", logs.join("\n"));
-            }
-        }
-        if Instant::now() > until {
-            let logs: Vec<String> = logs.iter().map(|l| tail(l)).collect();
-            bail!("{url} did not answer within 60 s\n{}", logs.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn metrics(http: &reqwest::Client, url: &str) -> anyhow::Result<HashMap<String, f64>> {
-    let text = http
-        .get(url)
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect())
-}
-
 async fn fleet(s: &Settings, dir: &Path) -> anyhow::Result<(Measured, FleetDetail)> {
     let topic = s.topic();
     let out_dir = dir.join("fleet-out");
@@ -676,7 +614,7 @@ async fn fleet(s: &Settings, dir: &Path) -> anyhow::Result<(Measured, FleetDetai
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let mut children = Children(Vec::new());
+    let mut children = Children::default();
 
     let progress_pid = spawn_worker(
         "progress",

@@ -40,6 +40,8 @@ mod kafka;
 mod observer;
 mod probes;
 mod report;
+#[path = "../support/mod.rs"]
+mod support;
 mod system;
 mod workload;
 

@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+pub use crate::support::{metrics, wait_ok, Children};
 
 /// Linux reports /proc CPU times in USER_HZ, which is 100 on every mainstream
 /// architecture (it is ABI, independent of the kernel's CONFIG_HZ).
@@ -389,32 +391,6 @@ impl CpuMark {
     }
 }
 
-/// Child processes, killed however the run ends.
-#[derive(Default)]
-pub struct Children(Vec<Child>);
-
-impl Children {
-    /// Fails if any child has exited.
-    pub fn check_alive(&mut self, logs: &[PathBuf]) -> anyhow::Result<()> {
-        for child in &mut self.0 {
-            if let Some(status) = child.try_wait()? {
-                let logs: Vec<String> = logs.iter().map(|l| tail(l)).collect();
-                bail!("a child process exited ({status})\n{}", logs.join("\n"));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Starts `program args` pinned to `cpu` with `taskset -c` (taskset execs
 /// the program, so the pid is the program's), output to `log`.
 pub fn spawn_pinned(
@@ -453,14 +429,6 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// The last lines of a log, for an error message.
-pub fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let from = lines.len().saturating_sub(15);
-    format!("--- {} ---\n{}", log.display(), lines[from..].join("\n"))
-}
-
 /// Lines of a log that carry WARN or ERROR.
 pub fn warnings(log: &Path) -> Vec<String> {
     std::fs::read_to_string(log)
@@ -469,46 +437,4 @@ pub fn warnings(log: &Path) -> Vec<String> {
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
         .map(str::to_string)
         .collect()
-}
-
-/// Waits until `url` answers 2xx, failing early if a child died.
-pub async fn wait_ok(
-    http: &reqwest::Client,
-    url: &str,
-    children: &mut Children,
-    logs: &[PathBuf],
-) -> anyhow::Result<()> {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(url).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        children.check_alive(logs)?;
-        if Instant::now() > until {
-            let logs: Vec<String> = logs.iter().map(|l| tail(l)).collect();
-            bail!("{url} did not answer within 60 s\n{}", logs.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Prometheus text as name -> value.
-pub async fn metrics(http: &reqwest::Client, url: &str) -> anyhow::Result<HashMap<String, f64>> {
-    let text = http
-        .get(url)
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect())
 }
