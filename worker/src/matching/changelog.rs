@@ -2,7 +2,7 @@
 //!
 //! | key | value | written when |
 //! |---|---|---|
-//! | `m` | [`MetaRecord`]: clock (watermark, max event time, last ingest), next sequence number, counters | it changed |
+//! | `m` | [`MetaRecord`]: clock (watermark, max event time, last ingest), counters | it changed |
 //! | `s/<segment>` | [`SegmentRecord`]: end of the last closed window, bandit posteriors, arms chosen for open windows | it changed |
 //! | `q/<segment>/<windowStart>` | [`QueueRecord`]: the window's pending requests as source offsets, with windows waited | it changed (tombstoned once empty) |
 //! | `c/["<userA>","<userB>"]` | [`CooldownRecord`]: a pair's cooldown deadline | in cooldown at a `take_changes` |
