@@ -43,14 +43,11 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use support::{metrics, tail, wait_ok, Children};
+use support::{free_port, metrics, tail, wait_ok, Children, ProcCpu, SysCpu};
 use tokio::sync::{mpsc, Semaphore};
 
 /// The worker binary cargo built for this very profile.
 const WORKER_EXE: &str = env!("CARGO_BIN_EXE_matchfleet-worker");
-/// Linux reports /proc CPU times in USER_HZ, which is 100 on every mainstream
-/// architecture (it is ABI, independent of the kernel's CONFIG_HZ).
-const USER_HZ: f64 = 100.0;
 /// Offsets are committed this often, as the render worker does.
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// `/status` is polled this often; it takes the service's state lock, so not
@@ -181,15 +178,9 @@ impl CpuMark {
 
     /// Fills in the machine's and the broker's share since the mark.
     fn split(&self, mut split: CpuSplit) -> CpuSplit {
-        let now = SysCpu::now();
-        let busy = now.busy.saturating_sub(self.machine.busy) as f64;
-        let total = now.total.saturating_sub(self.machine.total) as f64;
-        split.machine = busy / USER_HZ;
-        split.busy_percent = if total > 0.0 {
-            100.0 * busy / total
-        } else {
-            0.0
-        };
+        let spent = SysCpu::now().since(&self.machine);
+        split.machine = spent.busy_seconds();
+        split.busy_percent = spent.busy_percent();
         split.broker = self
             .broker
             .as_ref()
@@ -572,12 +563,6 @@ async fn bare_loop_with_command(s: &Settings, out_dir: &Path) -> anyhow::Result<
 
 // ---------------------------------------------------------------------- fleet
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn spawn_worker(
     mode: &str,
     env: &[(&str, String)],
@@ -878,64 +863,6 @@ fn machine() -> Machine {
         rustc,
         librdkafka,
         background_busy: 0.0,
-    }
-}
-
-/// Whole-machine CPU ticks from /proc/stat.
-struct SysCpu {
-    busy: u64,
-    total: u64,
-}
-
-impl SysCpu {
-    fn now() -> Self {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        let total: u64 = fields.iter().take(8).sum();
-        // idle and iowait
-        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-        SysCpu {
-            busy: total - idle,
-            total,
-        }
-    }
-}
-
-/// CPU seconds of one process (all its threads) and of its waited-for children.
-struct ProcCpu {
-    own: f64,
-    children: f64,
-}
-
-impl ProcCpu {
-    fn of(pid: &str) -> Self {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after `(comm)`, which may contain spaces: state is field 3,
-        // utime 14, stime 15, cutime 16, cstime 17.
-        let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-        let f: Vec<f64> = after
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0.0))
-            .collect();
-        let at = |field: usize| f.get(field - 3).copied().unwrap_or(0.0) / USER_HZ;
-        ProcCpu {
-            own: at(14) + at(15),
-            children: at(16) + at(17),
-        }
-    }
-
-    fn since(&self, before: &ProcCpu) -> ProcCpu {
-        ProcCpu {
-            own: self.own - before.own,
-            children: self.children - before.children,
-        }
     }
 }
 

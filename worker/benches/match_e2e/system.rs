@@ -9,11 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-pub use crate::support::{metrics, wait_ok, Children};
-
-/// Linux reports /proc CPU times in USER_HZ, which is 100 on every mainstream
-/// architecture (it is ABI, independent of the kernel's CONFIG_HZ).
-const USER_HZ: f64 = 100.0;
+pub use crate::support::{free_port, metrics, wait_ok, Children, ProcCpu, SysCpu};
 
 pub fn wall_millis() -> i64 {
     std::time::SystemTime::now()
@@ -209,67 +205,6 @@ pub async fn busy_percent_over(span: Duration) -> f64 {
     SysCpu::now().since(&before).busy_percent()
 }
 
-/// Whole-machine CPU ticks from /proc/stat.
-#[derive(Clone, Copy)]
-pub struct SysCpu {
-    busy: u64,
-    total: u64,
-}
-
-impl SysCpu {
-    pub fn now() -> Self {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        let total: u64 = fields.iter().take(8).sum();
-        // idle and iowait
-        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-        SysCpu {
-            busy: total.saturating_sub(idle),
-            total,
-        }
-    }
-
-    pub fn since(&self, before: &SysCpu) -> SysCpu {
-        SysCpu {
-            busy: self.busy.saturating_sub(before.busy),
-            total: self.total.saturating_sub(before.total),
-        }
-    }
-
-    /// CPU seconds busy (all cores).
-    pub fn busy_seconds(&self) -> f64 {
-        self.busy as f64 / USER_HZ
-    }
-
-    pub fn busy_percent(&self) -> f64 {
-        if self.total == 0 {
-            return 0.0;
-        }
-        100.0 * self.busy as f64 / self.total as f64
-    }
-}
-
-/// CPU seconds of one process (all its threads).
-pub fn proc_cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after `(comm)`, which may contain spaces: utime is field 14,
-    // stime 15 (the list below starts at field 3).
-    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-    let f: Vec<f64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    let at = |field: usize| f.get(field - 3).copied().unwrap_or(0.0) / USER_HZ;
-    at(14) + at(15)
-}
-
 /// The broker serving `bootstrap` (its first `host:port`), to account its
 /// CPU: the `kafka.Kafka` JVM holding the listening socket of that port.
 /// Several brokers may run on one machine (the local cluster's and a
@@ -364,10 +299,10 @@ impl CpuMark {
     pub fn new(broker: Option<u32>, pids: &[u32]) -> Self {
         CpuMark {
             machine: SysCpu::now(),
-            broker: broker.map(|pid| (pid, proc_cpu_seconds(&pid.to_string()))),
+            broker: broker.map(|pid| (pid, ProcCpu::of(&pid.to_string()).own)),
             pids: pids
                 .iter()
-                .map(|&pid| (pid, proc_cpu_seconds(&pid.to_string())))
+                .map(|&pid| (pid, ProcCpu::of(&pid.to_string()).own))
                 .collect(),
             started: Instant::now(),
         }
@@ -380,11 +315,11 @@ impl CpuMark {
             processes: self
                 .pids
                 .iter()
-                .map(|(pid, before)| proc_cpu_seconds(&pid.to_string()) - before)
+                .map(|(pid, before)| ProcCpu::of(&pid.to_string()).own - before)
                 .collect(),
             broker: self
                 .broker
-                .map(|(pid, before)| proc_cpu_seconds(&pid.to_string()) - before),
+                .map(|(pid, before)| ProcCpu::of(&pid.to_string()).own - before),
             machine: machine.busy_seconds(),
             busy_percent: machine.busy_percent(),
         }
@@ -421,12 +356,6 @@ pub fn spawn_pinned(
     let pid = child.id();
     children.0.push(child);
     Ok(pid)
-}
-
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Lines of a log that carry WARN or ERROR.

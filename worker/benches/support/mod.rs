@@ -1,6 +1,9 @@
 //! What the benches that run worker processes share: their child processes,
-//! log tails for error messages, waiting for an endpoint, reading metrics.
-//! Included with `#[path]` (a directory without `main.rs` is not a bench).
+//! log tails for error messages, waiting for an endpoint, reading metrics,
+//! free ports, and CPU time from /proc.
+//! Included with `#[path]` (a directory without `main.rs` is not a bench);
+//! each bench uses a part of it.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -85,4 +88,92 @@ pub async fn metrics(http: &reqwest::Client, url: &str) -> anyhow::Result<HashMa
             Some((name.to_string(), value.parse().ok()?))
         })
         .collect())
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Linux reports /proc CPU times in USER_HZ, which is 100 on every mainstream
+/// architecture (it is ABI, independent of the kernel's CONFIG_HZ).
+const USER_HZ: f64 = 100.0;
+
+/// Whole-machine CPU ticks from /proc/stat.
+#[derive(Clone, Copy)]
+pub struct SysCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl SysCpu {
+    pub fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let total: u64 = fields.iter().take(8).sum();
+        // idle and iowait
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        SysCpu {
+            busy: total.saturating_sub(idle),
+            total,
+        }
+    }
+
+    pub fn since(&self, before: &SysCpu) -> SysCpu {
+        SysCpu {
+            busy: self.busy.saturating_sub(before.busy),
+            total: self.total.saturating_sub(before.total),
+        }
+    }
+
+    /// CPU seconds busy (all cores).
+    pub fn busy_seconds(&self) -> f64 {
+        self.busy as f64 / USER_HZ
+    }
+
+    pub fn busy_percent(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        100.0 * self.busy as f64 / self.total as f64
+    }
+}
+
+/// CPU seconds of one process (all its threads) and of its waited-for children.
+pub struct ProcCpu {
+    pub own: f64,
+    pub children: f64,
+}
+
+impl ProcCpu {
+    pub fn of(pid: &str) -> Self {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after `(comm)`, which may contain spaces: state is field 3,
+        // utime 14, stime 15, cutime 16, cstime 17.
+        let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+        let f: Vec<f64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        let at = |field: usize| f.get(field - 3).copied().unwrap_or(0.0) / USER_HZ;
+        ProcCpu {
+            own: at(14) + at(15),
+            children: at(16) + at(17),
+        }
+    }
+
+    pub fn since(&self, before: &ProcCpu) -> ProcCpu {
+        ProcCpu {
+            own: self.own - before.own,
+            children: self.children - before.children,
+        }
+    }
 }
