@@ -1,5 +1,11 @@
 use clap::{Parser, Subcommand};
 
+// The match engine allocates and frees many small, short-lived objects per
+// request (strings, vectors, map entries); glibc's allocator took ~20% of a
+// match worker's core at 50,000 requests/s (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "matchfleet-worker",

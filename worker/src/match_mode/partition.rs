@@ -83,7 +83,15 @@ impl MatchWorker {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "10")
+            // A fetch answers once 64 KB are ready or after 50 ms. With the
+            // defaults of 1 byte and this pipeline's old 10 ms, every
+            // partition's consumer fetched again as soon as one request
+            // arrived: thousands of fetches/s against the broker under a
+            // steady trickle, and 100/s per idle partition. Requests wait
+            // for their window (a second by default) anyway; 50 ms of read
+            // delay at low rates is the price.
+            .set("fetch.wait.max.ms", "50")
+            .set("fetch.min.bytes", "65536")
             .create()?;
         let mut tpl = TopicPartitionList::new();
         // `Stored`: the offset the last committed transaction left (earliest if none).

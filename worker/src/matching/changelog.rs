@@ -53,7 +53,7 @@ pub fn join_key(match_id: &str) -> String {
 
 pub fn cooldown_key(pair: &UserPair) -> String {
     // Serialising two strings cannot fail.
-    let users = serde_json::to_string(&[&pair.0, &pair.1]).unwrap_or_default();
+    let users = serde_json::to_string(&[&*pair.0, &*pair.1]).unwrap_or_default();
     format!("{COOLDOWN_PREFIX}{users}")
 }
 

@@ -1,62 +1,82 @@
 //! Match history: two users matched once are not matched again until their
 //! cooldown deadline (event time). Keyed by the user pair, with a TTL: an
 //! entry whose deadline the watermark has reached is dropped.
+//!
+//! A user's name is stored once (`Arc<str>`) however many pairs it is in:
+//! a match then costs reference counts, not string copies, and a day of
+//! history holds each name once rather than once per index entry.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::hash::{FastMap, FastSet};
 
 /// A user pair in canonical order (`.0 <= .1`), so either side finds it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserPair(pub String, pub String);
+pub struct UserPair(pub Arc<str>, pub Arc<str>);
 
 impl UserPair {
     pub fn new(a: &str, b: &str) -> Self {
-        if a <= b {
-            UserPair(a.to_string(), b.to_string())
-        } else {
-            UserPair(b.to_string(), a.to_string())
-        }
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        UserPair(Arc::from(lo), Arc::from(hi))
     }
 }
 
-/// The cooldown deadlines, indexed three ways: by pair (the truth), by user
-/// (to find a window's blocked pairs in O(window + history of its users)
-/// rather than O(window²)) and by deadline (to expire in O(expired)).
+/// The cooldown deadlines, indexed two ways: by user, with each partner's
+/// deadline (the truth; finds a window's blocked pairs in O(window +
+/// history of its users) rather than O(window²)), and by deadline (to
+/// expire in O(expired)).
 #[derive(Debug, Clone, Default)]
 pub struct CooldownBook {
-    until: FastMap<UserPair, i64>,
-    partners: FastMap<String, FastSet<String>>,
+    partners: FastMap<Arc<str>, FastMap<Arc<str>, i64>>,
     deadlines: BTreeSet<(i64, UserPair)>,
 }
 
 impl CooldownBook {
     pub fn len(&self) -> usize {
-        self.until.len()
+        self.deadlines.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.until.is_empty()
+        self.deadlines.is_empty()
     }
 
     pub fn until(&self, pair: &UserPair) -> Option<i64> {
-        self.until.get(pair).copied()
+        self.partners.get(&*pair.0)?.get(&*pair.1).copied()
     }
 
     /// Sets (or moves) the pair's deadline.
     pub fn insert(&mut self, pair: UserPair, until: i64) {
-        if let Some(old) = self.until.insert(pair.clone(), until) {
-            self.deadlines.remove(&(old, pair.clone()));
-        }
-        self.partners
+        self.insert_users(&pair.0, &pair.1, until);
+    }
+
+    /// Sets (or moves) the deadline of users `a` and `b`, returning their
+    /// pair (names shared with the book).
+    pub fn insert_users(&mut self, a: &str, b: &str, until: i64) -> UserPair {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let pair = UserPair(self.intern(lo), self.intern(hi));
+        let old = self
+            .partners
             .entry(pair.0.clone())
             .or_default()
-            .insert(pair.1.clone());
+            .insert(pair.1.clone(), until);
         self.partners
             .entry(pair.1.clone())
             .or_default()
-            .insert(pair.0.clone());
-        self.deadlines.insert((until, pair));
+            .insert(pair.0.clone(), until);
+        if let Some(old) = old {
+            self.deadlines.remove(&(old, pair.clone()));
+        }
+        self.deadlines.insert((until, pair.clone()));
+        pair
+    }
+
+    /// The book's copy of a user's name, or a new one.
+    fn intern(&self, user: &str) -> Arc<str> {
+        match self.partners.get_key_value(user) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(user),
+        }
     }
 
     /// Drops every pair whose deadline is at or before `watermark`, returning them.
@@ -69,12 +89,11 @@ impl CooldownBook {
             let Some((_, pair)) = self.deadlines.pop_first() else {
                 break;
             };
-            self.until.remove(&pair);
             for (a, b) in [(&pair.0, &pair.1), (&pair.1, &pair.0)] {
-                if let Some(set) = self.partners.get_mut(a) {
-                    set.remove(b);
-                    if set.is_empty() {
-                        self.partners.remove(a);
+                if let Some(partners) = self.partners.get_mut(&**a) {
+                    partners.remove(&**b);
+                    if partners.is_empty() {
+                        self.partners.remove(&**a);
                     }
                 }
             }
@@ -87,7 +106,7 @@ impl CooldownBook {
     /// window starting at `start` (deadline after the start).
     pub fn blocked(&self, users: &[&str], start: i64) -> FastSet<(u32, u32)> {
         let mut blocked = FastSet::default();
-        if self.until.is_empty() {
+        if self.partners.is_empty() {
             return blocked;
         }
         let mut index: FastMap<&str, Vec<u32>> = FastMap::default();
@@ -98,23 +117,25 @@ impl CooldownBook {
             let Some(partners) = self.partners.get(*u) else {
                 continue;
             };
-            for p in partners {
-                let Some(js) = index.get(p.as_str()) else {
+            for (p, &until) in partners {
+                if until <= start {
+                    continue;
+                }
+                let Some(js) = index.get(&**p) else {
                     continue;
                 };
-                if self.until(&UserPair::new(u, p)).is_some_and(|t| t > start) {
-                    for &j in js {
-                        let i = i as u32;
-                        blocked.insert((i.min(j), i.max(j)));
-                    }
+                for &j in js {
+                    let i = i as u32;
+                    blocked.insert((i.min(j), i.max(j)));
                 }
             }
         }
         blocked
     }
 
+    /// Every pair with its deadline, each once.
     pub fn iter(&self) -> impl Iterator<Item = (&UserPair, i64)> {
-        self.until.iter().map(|(p, &t)| (p, t))
+        self.deadlines.iter().map(|(t, p)| (p, *t))
     }
 }
 
@@ -157,5 +178,23 @@ mod tests {
         assert_eq!(book.expire(i64::MAX), vec![UserPair::new("a", "c")]);
         assert!(book.is_empty());
         assert!(book.partners.is_empty());
+    }
+
+    #[test]
+    fn a_user_name_is_stored_once() {
+        let mut book = CooldownBook::default();
+        let ab = book.insert_users("ann", "bob", 5000);
+        let ca = book.insert_users("cat", "ann", 6000);
+        assert_eq!(ca, UserPair::new("ann", "cat"));
+        assert!(Arc::ptr_eq(&ab.0, &ca.0), "both pairs share ann's name");
+        assert_eq!(book.until(&UserPair::new("bob", "ann")), Some(5000));
+        assert_eq!(book.until(&UserPair::new("cat", "bob")), None);
+        let moved = book.insert_users("bob", "ann", 9000);
+        assert_eq!(moved, ab);
+        assert_eq!(book.len(), 2, "moving a deadline keeps one entry");
+        assert_eq!(
+            book.iter().map(|(_, t)| t).collect::<Vec<_>>(),
+            vec![6000, 9000]
+        );
     }
 }

@@ -24,7 +24,7 @@ use super::hash::{FastMap, FastSet};
 use super::matchmaker::{match_window, MatchParams, Pair};
 use super::pairing::{Scores, WindowFilter, WindowPairs};
 use super::score::FeatureMatrix;
-use super::window::{window_start, EventClock, MAX_ABS_EVENT_TIME};
+use super::window::{window_phase, window_start, EventClock, MAX_ABS_EVENT_TIME};
 
 /// A window of one segment, as `due` saw it: `digest` is a hash of its
 /// requests in order, so scores computed for another composition (a late
@@ -225,6 +225,9 @@ impl Restoring {
 pub struct PartitionEngine {
     partition: i32,
     config: EngineConfig,
+    /// Where this partition's windows begin within each window length
+    /// ([`window_phase`]).
+    window_phase: i64,
     clock: EventClock,
     counters: Counters,
     segments: BTreeMap<String, Segment>,
@@ -246,6 +249,7 @@ impl PartitionEngine {
     pub fn new(partition: i32, config: EngineConfig) -> Self {
         PartitionEngine {
             partition,
+            window_phase: window_phase(partition, config.window_millis),
             config,
             clock: EventClock::default(),
             counters: Counters::default(),
@@ -348,7 +352,7 @@ impl PartitionEngine {
             .observe(req.event_time, now, cfg.out_of_order_millis);
         self.counters.requests += 1;
 
-        let own = window_start(req.event_time, cfg.window_millis);
+        let own = window_start(req.event_time, cfg.window_millis, self.window_phase);
         let closed_until = self
             .segments
             .get(&req.segment)
@@ -618,7 +622,7 @@ impl PartitionEngine {
                     let key = cooldown_key(&pair);
                     let value = self.cooldowns.until(&pair).map(|until| {
                         encode(&changelog::CooldownRecord {
-                            users: [pair.0.clone(), pair.1.clone()],
+                            users: [pair.0.to_string(), pair.1.to_string()],
                             until,
                         })
                     });
@@ -803,8 +807,9 @@ impl PartitionEngine {
                 continue;
             };
             let until = end.saturating_add(self.config.cooldown_millis);
-            let users = UserPair::new(&a.request.user, &b.request.user);
-            self.cooldowns.insert(users.clone(), until);
+            let users = self
+                .cooldowns
+                .insert_users(&a.request.user, &b.request.user, until);
             self.dirty.insert(Dirty::Cooldown(users));
             self.counters.matched += 1;
             let result = self.matched(segment, start, end, &scorer_name, pair.score, &a, &b, now);

@@ -58,8 +58,13 @@ fn settings() -> MatchSettings {
     }
 }
 
+/// Partition 7's windows start `window_phase(7, w)` after each multiple of
+/// `w`: the tests below use partition 0 (phase 0) unless they are about the
+/// phase, so their window bounds read as round numbers.
+const PARTITION: i32 = 0;
+
 fn engine(s: &MatchSettings) -> PartitionEngine {
-    PartitionEngine::new(7, EngineConfig::from_settings(s).unwrap())
+    PartitionEngine::new(PARTITION, EngineConfig::from_settings(s).unwrap())
 }
 
 /// A request accepting anyone 18–99 of the other gender (`f` ↔ `m`).
@@ -152,6 +157,38 @@ fn matched_ids(results: &[MatchResult]) -> Vec<(String, String)> {
 }
 
 #[test]
+fn a_partition_s_windows_start_at_its_phase() {
+    let s = settings();
+    let partition = 1;
+    let phase = super::window::window_phase(partition, 1000);
+    assert!(phase > 0, "partition 1 is staggered");
+    let mut e = PartitionEngine::new(partition, EngineConfig::from_settings(&s).unwrap());
+    // Both before and after the multiple of 1000 that aligned windows would
+    // split them at: one window, [phase, phase + 1000).
+    assert!(ingest(&mut e, req("r1", "bob", phase + 10, "m", [1.0, 0.0]), 0).is_none());
+    assert!(ingest(&mut e, req("r2", "ann", phase + 990, "f", [1.0, 0.0]), 0).is_none());
+    // Watermark phase + 999: not due yet.
+    ingest(&mut e, req("r3", "cat", phase + 1199, "f", [1.0, 0.0]), 0);
+    assert!(e.close(0, &none()).is_empty());
+    ingest(&mut e, req("r4", "dan", phase + 1200, "m", [1.0, 0.0]), 0);
+    let results = e.close(0, &none());
+    let [MatchResult::Matched {
+        window_start,
+        window_end,
+        partition: p,
+        ..
+    }] = results.as_slice()
+    else {
+        panic!("{results:?}");
+    };
+    assert_eq!(
+        (*window_start, *window_end, *p),
+        (phase, phase + 1000, partition)
+    );
+    assert_eq!(matched_ids(&results), vec![("r2".into(), "r1".into())]);
+}
+
+#[test]
 fn a_window_closes_when_the_watermark_passes_its_end() {
     let mut e = engine(&settings());
     assert!(ingest(&mut e, req("r1", "bob", 100, "m", [1.0, 0.0]), 0).is_none());
@@ -197,7 +234,7 @@ fn a_window_closes_when_the_watermark_passes_its_end() {
             scorer.as_str(),
             *closed_at
         ),
-        ("s", 0, 1000, 7, "cosine", 20)
+        ("s", 0, 1000, PARTITION, "cosine", 20)
     );
     assert!(
         (score - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6,
@@ -258,7 +295,7 @@ fn late_requests_join_the_next_open_window_or_expire() {
             request_id: "r4".into(),
             user: "dan".into(),
             segment: "s".into(),
-            partition: 7,
+            partition: PARTITION,
             event_time: 500,
             windows: 0,
             reason: ExpiryReason::TooLate,
@@ -560,7 +597,7 @@ fn the_queue_names_pending_requests_by_offset_and_goes_when_empty() {
     );
     assert!(changes["m"].is_some() && changes["s/s"].is_some());
 
-    let restored = restore(7, e.config().clone(), Vec::new()).unwrap();
+    let restored = restore(PARTITION, e.config().clone(), Vec::new()).unwrap();
     assert_eq!(restored.pending(), 0);
 }
 
@@ -701,7 +738,7 @@ fn outcomes_join_once_within_the_ttl_and_the_rest_is_counted() {
     };
     assert_eq!(
         (sample.label, sample.reward, sample.partition),
-        (Label::Bad, Some(0.25), 7)
+        (Label::Bad, Some(0.25), PARTITION)
     );
     assert_eq!(sample.scorer, "cosine");
     let evidence = e.arm_evidence();
@@ -736,7 +773,7 @@ fn outcomes_join_once_within_the_ttl_and_the_rest_is_counted() {
     // A restart keeps the join: the duplicate is still one.
     let log = e.take_changes();
     assert!(log.iter().any(|(k, v)| k.starts_with("j/") && v.is_some()));
-    let mut e = restore(7, e.config().clone(), log.clone()).unwrap();
+    let mut e = restore(PARTITION, e.config().clone(), log.clone()).unwrap();
     assert_eq!(
         e.ingest_outcome(outcome(&ids[0], 12_600, 90), 12_600),
         Ok(OutcomeFate::Duplicate)

@@ -7,7 +7,12 @@
 //!
 //! **Windows and watermark.** Event-time tumbling windows per segment: a
 //! request with event time `t` belongs to the window starting at
-//! `floor(t / w) · w` (`w = window.sizeMillis`). The partition's watermark
+//! `floor((t − φ) / w) · w + φ` (`w = window.sizeMillis`), where the phase
+//! `φ` ∈ [0, w) is fixed per partition (`window::window_phase`: the
+//! golden-ratio sequence, partition 0 at 0), so the partitions of a worker
+//! close their windows spread over the window length rather than all at one
+//! watermark (a burst of closes and commits once per window, the last of
+//! them waiting for all the others). The partition's watermark
 //! is `max event time seen − window.outOfOrderMillis` and never goes back.
 //! Idle rule: when no request was ingested for `window.idleMillis` of wall
 //! time (the `now` the caller passes, ms), the watermark becomes at least

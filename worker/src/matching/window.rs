@@ -8,10 +8,26 @@ use serde::{Deserialize, Serialize};
 /// cooldown deadline far from `i64` overflow.
 pub const MAX_ABS_EVENT_TIME: i64 = 1_000_000_000_000_000;
 
-/// Start of the tumbling window of `size` ms holding `t`: `floor(t / size) * size`
-/// (also for negative `t`).
-pub fn window_start(t: i64, size: i64) -> i64 {
-    t.div_euclid(size) * size
+/// Start of the tumbling window of `size` ms holding `t`, for windows that
+/// begin `phase` ms after each multiple of `size` (`0 <= phase < size`):
+/// `floor((t - phase) / size) * size + phase` (also for negative `t`).
+pub fn window_start(t: i64, size: i64, phase: i64) -> i64 {
+    (t - phase).div_euclid(size) * size + phase
+}
+
+/// The phase of partition `partition`'s windows: a fraction of the window
+/// given by the golden-ratio (Weyl) sequence, so any number of partitions
+/// gets phases spread near-evenly over the window without knowing how many
+/// there are. Aligned windows would make every partition of a worker close
+/// at the same watermark - a burst of closes and commits on its core once
+/// per window, and the last of them waits for all the others; staggered,
+/// they arrive spread over the window. Partition 0 keeps phase 0.
+pub fn window_phase(partition: i32, size: i64) -> i64 {
+    // 2^64 / golden ratio, the multiplier of Fibonacci hashing.
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let fraction = u64::from(partition.unsigned_abs()).wrapping_mul(GOLDEN);
+    // The fraction's top 32 bits times size, over 2^32: below size.
+    (((fraction >> 32) * size.max(1) as u64) >> 32) as i64
 }
 
 /// The partition's event-time clock. Persisted, so a new owner continues
@@ -61,15 +77,46 @@ mod tests {
 
     #[test]
     fn windows_floor_also_below_zero() {
-        assert_eq!(window_start(0, 1000), 0);
-        assert_eq!(window_start(999, 1000), 0);
-        assert_eq!(window_start(1000, 1000), 1000);
-        assert_eq!(window_start(-1, 1000), -1000);
-        assert_eq!(window_start(-1000, 1000), -1000);
+        assert_eq!(window_start(0, 1000, 0), 0);
+        assert_eq!(window_start(999, 1000, 0), 0);
+        assert_eq!(window_start(1000, 1000, 0), 1000);
+        assert_eq!(window_start(-1, 1000, 0), -1000);
+        assert_eq!(window_start(-1000, 1000, 0), -1000);
         assert_eq!(
-            window_start(MAX_ABS_EVENT_TIME, 7),
+            window_start(MAX_ABS_EVENT_TIME, 7, 0),
             MAX_ABS_EVENT_TIME - MAX_ABS_EVENT_TIME % 7
         );
+        assert_eq!(
+            window_start(-MAX_ABS_EVENT_TIME, 7, 6),
+            -MAX_ABS_EVENT_TIME - (-MAX_ABS_EVENT_TIME - 6).rem_euclid(7)
+        );
+    }
+
+    #[test]
+    fn a_phase_shifts_every_window_by_it() {
+        assert_eq!(window_start(249, 1000, 250), -750);
+        assert_eq!(window_start(250, 1000, 250), 250);
+        assert_eq!(window_start(1249, 1000, 250), 250);
+        assert_eq!(window_start(1250, 1000, 250), 1250);
+        assert_eq!(window_start(-751, 1000, 250), -1750);
+    }
+
+    #[test]
+    fn partition_phases_spread_over_the_window() {
+        assert_eq!(window_phase(0, 1000), 0);
+        for size in [1, 7, 500, 1000, i64::from(i32::MAX)] {
+            for p in [0, 1, 15, 1000, i32::MAX, i32::MIN] {
+                let phase = window_phase(p, size);
+                assert!((0..size).contains(&phase), "{p} {size}: {phase}");
+            }
+        }
+        // 16 partitions over 1 s: no two closer than a quarter of the even
+        // spacing (62.5 ms), so closes never pile up.
+        let mut phases: Vec<i64> = (0..16).map(|p| window_phase(p, 1000)).collect();
+        phases.sort();
+        let mut gaps: Vec<i64> = phases.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.push(1000 + phases[0] - phases[15]);
+        assert!(gaps.iter().all(|&g| g >= 16), "{phases:?}");
     }
 
     #[test]
