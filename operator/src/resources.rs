@@ -302,14 +302,32 @@ pub fn progress_deployment(owner: &Owner, config: &ProgressConfig) -> Deployment
 /// The progress service's Service: `NAME-progress:8080` (name `http`).
 pub fn progress_service(owner: &Owner) -> Service {
     let labels = names::progress_labels(owner.fleet, &owner.name);
+    http_service(
+        owner,
+        names::progress_name(&owner.name),
+        labels.clone(),
+        labels,
+        PROGRESS_PORT,
+    )
+}
+
+/// A ClusterIP Service named `name` over the pods `selector` picks, with one
+/// TCP port `port` named `http` that targets the pods' port named `http`.
+pub fn http_service(
+    owner: &Owner,
+    name: String,
+    labels: BTreeMap<String, String>,
+    selector: BTreeMap<String, String>,
+    port: i32,
+) -> Service {
     Service {
-        metadata: owner.meta(names::progress_name(&owner.name), labels.clone()),
+        metadata: owner.meta(name, labels),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_string()),
-            selector: Some(labels),
+            selector: Some(selector),
             ports: Some(vec![ServicePort {
                 name: Some("http".to_string()),
-                port: PROGRESS_PORT,
+                port,
                 target_port: Some(IntOrString::String("http".to_string())),
                 protocol: Some("TCP".to_string()),
                 ..ServicePort::default()

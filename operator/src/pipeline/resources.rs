@@ -3,8 +3,7 @@
 //! front of their HTTP API. The env they carry is the contract with the
 //! match worker; the pod around it is every fleet's ([`resources::fleet_pod_spec`]).
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec, Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
 use matchfleet_api::match_pipeline::{MatchPipelineSpec, MatchSettings};
 
 use crate::names::{self, COLOR_BLUE, LANE_LIVE, MATCH_API_PORT, WORKER_PORT};
@@ -116,24 +115,13 @@ pub fn match_pod(owner: &Owner, spec: &MatchPipelineSpec, slot: i32, template_ha
 /// `NAME-workers:8080` (name `http`): the workers' HTTP API (ingest,
 /// `/matches/{user}`, WebSocket nudges), over the active color's live pods.
 pub fn workers_service(owner: &Owner) -> Service {
-    let labels = names::common_labels(owner.fleet, &owner.name, names::COMPONENT_WORKER);
-    let selector = names::lane_selector(owner.fleet, &owner.name, LANE_LIVE, COLOR_BLUE);
-    Service {
-        metadata: owner.meta(names::workers_service_name(&owner.name), labels),
-        spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".to_string()),
-            selector: Some(selector),
-            ports: Some(vec![ServicePort {
-                name: Some("http".to_string()),
-                port: MATCH_API_PORT,
-                target_port: Some(IntOrString::String("http".to_string())),
-                protocol: Some("TCP".to_string()),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
-        status: None,
-    }
+    resources::http_service(
+        owner,
+        names::workers_service_name(&owner.name),
+        names::common_labels(owner.fleet, &owner.name, names::COMPONENT_WORKER),
+        names::lane_selector(owner.fleet, &owner.name, LANE_LIVE, COLOR_BLUE),
+        MATCH_API_PORT,
+    )
 }
 
 #[cfg(test)]
@@ -142,6 +130,7 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use k8s_openapi::api::core::v1::EnvVar;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     use matchfleet_api::match_pipeline::{BuiltinScorer, ScorerSpec};
     use matchfleet_api::MatchPipeline;
 
