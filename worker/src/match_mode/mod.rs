@@ -124,20 +124,12 @@ pub async fn run(args: MatchArgs) -> anyhow::Result<()> {
         scorer_client: reqwest::Client::new(),
     });
     let keeper = LeaseKeeper::new(client, worker, &args.slot, interval);
-    let stats = keeper.stats.clone();
-
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::new(crate::pod_ip(), 8081));
-    let shutdown = CancellationToken::new();
+    // Ends the ingest/matches/nudge endpoints and the results feed with the
+    // health endpoints, once the keeper has drained.
     let http_stop = CancellationToken::new();
-    let ready_stats = stats.clone();
-    let ready: crate::health::Probe<bool> =
-        Arc::new(move || ready_stats.ready.load(std::sync::atomic::Ordering::SeqCst));
-    let metrics_text: crate::health::Probe<String> = {
-        let metrics = metrics.clone();
-        Arc::new(move || metrics.text(&stats))
-    };
     let feed = Arc::new(feed::Feed::default());
     let tailer = tokio::spawn(feed::tail(
         feed.clone(),
@@ -155,25 +147,15 @@ pub async fn run(args: MatchArgs) -> anyhow::Result<()> {
         metrics.clone(),
         http_stop.clone().cancelled_owned(),
     );
-    let health = crate::health::serve(
-        listen,
-        ready,
-        metrics_text,
-        http_stop.clone().cancelled_owned(),
-    );
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        crate::shutdown_signal().await;
-        signal.cancel();
-    });
     info!(slot = %args.slot, topic = %args.topic, results = %args.results_topic, "match worker started");
-    let work = async {
-        keeper
-            .run(shutdown, Duration::from_secs(args.drain_timeout_seconds))
-            .await;
-        http_stop.cancel();
-    };
-    let ((), health, endpoints) = tokio::join!(work, health, endpoints);
+    let life = crate::fleet::process::run(
+        keeper,
+        listen,
+        move |stats| metrics.text(stats),
+        Duration::from_secs(args.drain_timeout_seconds),
+        http_stop,
+    );
+    let (health, endpoints) = tokio::join!(life, endpoints);
     let _ = tailer.await;
     health?;
     endpoints?;

@@ -172,38 +172,18 @@ pub async fn run(args: RenderArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
     });
     let keeper = LeaseKeeper::new(client, worker, &args.slot, interval);
-    let stats = keeper.stats.clone();
-
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::new(crate::pod_ip(), 8081));
-    let shutdown = CancellationToken::new();
-    let http_stop = CancellationToken::new();
-    let ready_stats = stats.clone();
-    let ready: crate::health::Probe<bool> =
-        Arc::new(move || ready_stats.ready.load(std::sync::atomic::Ordering::SeqCst));
-    let metrics_text: crate::health::Probe<String> = Arc::new(move || metrics.text(&stats));
-    let http = crate::health::serve(
-        listen,
-        ready,
-        metrics_text,
-        http_stop.clone().cancelled_owned(),
-    );
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        crate::shutdown_signal().await;
-        signal.cancel();
-    });
     info!(slot = %args.slot, topic = %args.topic, group = %args.group, "render worker started");
-    let work = async {
-        keeper
-            .run(shutdown, Duration::from_secs(args.drain_timeout_seconds))
-            .await;
-        http_stop.cancel();
-    };
-    // Joined rather than spawned: the endpoints live exactly as long as the work.
-    let ((), served) = tokio::join!(work, http);
-    served?;
+    crate::fleet::process::run(
+        keeper,
+        listen,
+        move |stats| metrics.text(stats),
+        Duration::from_secs(args.drain_timeout_seconds),
+        CancellationToken::new(),
+    )
+    .await?;
     Ok(())
 }
 
