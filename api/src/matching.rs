@@ -19,9 +19,45 @@ pub struct MatchRequest {
     /// When the user asked, in milliseconds since the epoch (event time).
     pub event_time: i64,
     /// The feature vector; its length must be `features.dimension`.
+    #[serde(deserialize_with = "vector::deserialize")]
     pub vector: Vec<f32>,
     pub profile: Profile,
     pub wants: Preferences,
+}
+
+mod vector {
+    //! Reads a feature vector into one allocation. JSON gives serde no
+    //! length hint, so the derived `Vec` starts empty and reallocates four
+    //! times on the way to 32 values - for every request a worker reads.
+    use std::fmt;
+
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+
+    /// Room reserved up front: vectors of up to 32 values (the issue's
+    /// dimension) fit without growing; longer ones grow as usual.
+    const RESERVED: usize = 32;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        d.deserialize_seq(Floats)
+    }
+
+    struct Floats;
+
+    impl<'de> Visitor<'de> for Floats {
+        type Value = Vec<f32>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array of numbers")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<f32>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(RESERVED).min(RESERVED));
+            while let Some(x) = seq.next_element()? {
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
 }
 
 /// Why a record of the request topic cannot be matched; it goes to the
@@ -281,6 +317,32 @@ mod tests {
         let backwards = serde_json::to_vec(&backwards).unwrap();
         assert!(reason(None, &backwards, 1).contains("above wants.maxAge"));
         assert_eq!(parse_request(None, None, 1), Err(InvalidRequest::Empty));
+        let not_array = String::from_utf8(json.clone())
+            .unwrap()
+            .replace("[1.0]", r#""1.0""#);
+        assert!(reason(None, not_array.as_bytes(), 1).contains("expected an array of numbers"));
+        let not_numbers = String::from_utf8(json)
+            .unwrap()
+            .replace("[1.0]", "[1.0, null]");
+        assert!(reason(None, not_numbers.as_bytes(), 2).contains("not a match request"));
+    }
+
+    #[test]
+    fn vectors_are_read_into_one_allocation() {
+        let mut r = request("a", "f", 30, &["m"], 25, 40);
+        r.vector = (0..32).map(|i| i as f32 / 8.0).collect();
+        let parsed = parse_request(None, Some(&serde_json::to_vec(&r).unwrap()), 32).unwrap();
+        assert_eq!(parsed.vector, r.vector);
+        assert_eq!(parsed.vector.capacity(), 32, "reserved once, never grown");
+        r.vector = (0..100).map(|i| i as f32).collect();
+        let parsed = parse_request(None, Some(&serde_json::to_vec(&r).unwrap()), 100).unwrap();
+        assert_eq!(parsed.vector, r.vector, "longer vectors grow as usual");
+        r.vector = Vec::new();
+        let json = serde_json::to_vec(&r).unwrap();
+        assert!(parse_request(None, Some(&json), 1)
+            .unwrap_err()
+            .to_string()
+            .contains("vector has 0 values"));
     }
 
     #[test]
