@@ -17,8 +17,17 @@ pub struct UserPair(pub Arc<str>, pub Arc<str>);
 
 impl UserPair {
     pub fn new(a: &str, b: &str) -> Self {
-        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let (lo, hi) = canonical(a, b);
         UserPair(Arc::from(lo), Arc::from(hi))
+    }
+}
+
+/// The two names of a pair in the pair's order.
+fn canonical<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
     }
 }
 
@@ -53,7 +62,7 @@ impl CooldownBook {
     /// Sets (or moves) the deadline of users `a` and `b`, returning their
     /// pair (names shared with the book).
     pub fn insert_users(&mut self, a: &str, b: &str, until: i64) -> UserPair {
-        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let (lo, hi) = canonical(a, b);
         let pair = UserPair(self.intern(lo), self.intern(hi));
         let old = self
             .partners

@@ -58,8 +58,8 @@ fn settings() -> MatchSettings {
     }
 }
 
-/// Partition 7's windows start `window_phase(7, w)` after each multiple of
-/// `w`: the tests below use partition 0 (phase 0) unless they are about the
+/// Partition p's windows start `window_phase(p, w)` after each multiple of
+/// `w`; the tests below use partition 0 (phase 0) unless they are about the
 /// phase, so their window bounds read as round numbers.
 const PARTITION: i32 = 0;
 
