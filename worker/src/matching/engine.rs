@@ -290,6 +290,9 @@ impl PartitionEngine {
                     e.clock = m.clock;
                     e.counters = m.counters;
                     e.outcome_clock = m.outcome_clock;
+                    // Its own phase, not this partition's current one: the
+                    // pending windows and `closed_until` are on its grid.
+                    e.window_phase = m.window_phase.rem_euclid(e.config.window_millis.max(1));
                     e.last_meta = Some(value);
                 }
                 Record::Segment(name, record) => {
@@ -638,6 +641,7 @@ impl PartitionEngine {
             clock: self.clock.clone(),
             counters: self.counters.clone(),
             outcome_clock: self.outcome_clock.clone(),
+            window_phase: self.window_phase,
         });
         if self.last_meta.as_ref() != Some(&meta) {
             self.last_meta = Some(meta.clone());

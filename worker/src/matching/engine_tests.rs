@@ -189,6 +189,76 @@ fn a_partition_s_windows_start_at_its_phase() {
 }
 
 #[test]
+fn state_written_before_staggering_keeps_its_aligned_windows() {
+    let s = settings();
+    let config = EngineConfig::from_settings(&s).unwrap();
+    // Partition 1's state as a worker without staggering wrote it: phase-0
+    // windows and a meta record without `windowPhase`.
+    let mut old = PartitionEngine::new(0, config.clone());
+    ingest_at(&mut old, req("r1", "bob", 10, "m", [1.0, 0.0]));
+    let log: Vec<_> = old
+        .take_changes()
+        .into_iter()
+        .map(|(key, value)| {
+            let value = value.map(|v| {
+                let mut json: serde_json::Value = serde_json::from_slice(&v).unwrap();
+                if key == "m" {
+                    assert!(json
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("windowPhase")
+                        .is_some());
+                }
+                serde_json::to_vec(&json).unwrap()
+            });
+            (key, value)
+        })
+        .collect();
+    let partition = 1;
+    let phase = super::window::window_phase(partition, 1000);
+    assert!((11..990).contains(&phase), "10 and 990 straddle it");
+
+    let mut e = restore(partition, config, log).unwrap();
+    // On partition 1's own grid r2 would wait in [phase, phase + 1000), r1
+    // in the window before: restored state keeps its grid, so they share [0, 1000).
+    ingest_at(&mut e, req("r2", "ann", 990, "f", [1.0, 0.0]));
+    ingest(&mut e, req("r3", "cat", 1200, "f", [1.0, 0.0]), 0);
+    let results = e.close(0, &none());
+    assert_eq!(matched_ids(&results), vec![("r2".into(), "r1".into())]);
+    let [MatchResult::Matched { window_start, .. }] = results.as_slice() else {
+        panic!("{results:?}");
+    };
+    assert_eq!(*window_start, 0);
+    // From now on the phase is written down.
+    let meta = e
+        .take_changes()
+        .into_iter()
+        .find(|(k, _)| k == "m")
+        .unwrap()
+        .1
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(json["windowPhase"], 0);
+}
+
+#[test]
+fn a_restored_partition_keeps_the_phase_its_state_was_written_with() {
+    let config = EngineConfig::from_settings(&settings()).unwrap();
+    let mut e = PartitionEngine::new(1, config.clone());
+    let phase = super::window::window_phase(1, 1000);
+    ingest_at(&mut e, req("r1", "bob", phase + 10, "m", [1.0, 0.0]));
+    // Restored as another partition (its phase differs): the windows stay.
+    let mut e = restore(2, config, e.take_changes()).unwrap();
+    ingest_at(&mut e, req("r2", "ann", phase + 990, "f", [1.0, 0.0]));
+    ingest(&mut e, req("r3", "cat", phase + 1200, "f", [1.0, 0.0]), 0);
+    let results = e.close(0, &none());
+    let [MatchResult::Matched { window_start, .. }] = results.as_slice() else {
+        panic!("{results:?}");
+    };
+    assert_eq!(*window_start, phase);
+}
+
+#[test]
 fn a_window_closes_when_the_watermark_passes_its_end() {
     let mut e = engine(&settings());
     assert!(ingest(&mut e, req("r1", "bob", 100, "m", [1.0, 0.0]), 0).is_none());

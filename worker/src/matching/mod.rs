@@ -12,7 +12,9 @@
 //! golden-ratio sequence, partition 0 at 0), so the partitions of a worker
 //! close their windows spread over the window length rather than all at one
 //! watermark (a burst of closes and commits once per window, the last of
-//! them waiting for all the others). The partition's watermark
+//! them waiting for all the others). The phase is persisted with the
+//! partition's state and a restore keeps it (state from before staggering:
+//! 0), so pending windows stay on the grid they were opened on. The partition's watermark
 //! is `max event time seen − window.outOfOrderMillis` and never goes back.
 //! Idle rule: when no request was ingested for `window.idleMillis` of wall
 //! time (the `now` the caller passes, ms), the watermark becomes at least
