@@ -9,6 +9,7 @@ pub struct MatchMetrics {
     pub requests: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub windows_closed: AtomicU64,
+    pub windows_prescored: AtomicU64,
     pub matched: AtomicU64,
     pub expired: AtomicU64,
     pub commits: AtomicU64,
@@ -56,6 +57,11 @@ impl MatchMetrics {
                 "windows_closed_total",
                 "Event-time windows closed.",
                 get(&self.windows_closed),
+            ),
+            (
+                "windows_prescored_total",
+                "Windows matched from candidate lists scored while they filled.",
+                get(&self.windows_prescored),
             ),
             (
                 "matched_total",

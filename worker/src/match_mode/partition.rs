@@ -213,11 +213,15 @@ impl MatchWorker {
             } else {
                 HashMap::new()
             };
-            let closed_before = engine.windows_closed();
+            let closed_before = (engine.windows_closed(), engine.windows_prescored());
             pending.results.extend(engine.close(now, &external));
             MatchMetrics::add(
                 &self.metrics.windows_closed,
-                engine.windows_closed() - closed_before,
+                engine.windows_closed() - closed_before.0,
+            );
+            MatchMetrics::add(
+                &self.metrics.windows_prescored,
+                engine.windows_prescored() - closed_before.1,
             );
             pending.samples.extend(engine.settle_feedback(now));
             let settled = !pending.results.is_empty()
@@ -241,6 +245,11 @@ impl MatchWorker {
                 info!(committed = guard.committed(), "released");
                 return Ok(WorkEnd::Drained);
             }
+            // After the close and its commit, not before: the requests just
+            // read are scored against their open windows while the results
+            // are already on their way, so the next close only has the
+            // greedy left to run.
+            engine.prescore();
         }
     }
 

@@ -79,6 +79,8 @@ pub struct EngineConfig {
     pub(crate) min_score: f64,
     pub(crate) scorers: Vec<Scorer>,
     pub(crate) top_k: usize,
+    /// Members an open window needs before it is prescored.
+    pub(crate) prescore_from: usize,
     /// Set when the pipeline joins outcome events (`spec.feedback`).
     pub(crate) feedback: Option<FeedbackConfig>,
 }
@@ -166,6 +168,7 @@ impl EngineConfig {
             min_score: m.min_score,
             scorers,
             top_k: DEFAULT_TOP_K,
+            prescore_from: crate::matching::prescore::PRESCORE_FROM,
             feedback,
         })
     }
@@ -173,6 +176,12 @@ impl EngineConfig {
     /// Candidates kept per request in greedy windows (at least 1).
     pub fn with_top_k(mut self, k: usize) -> Self {
         self.top_k = k.max(1);
+        self
+    }
+
+    /// Prescores open windows from `n` members on (benchmarks and tests).
+    pub fn with_prescore_from(mut self, n: usize) -> Self {
+        self.prescore_from = n;
         self
     }
 
@@ -198,6 +207,20 @@ impl EngineConfig {
 
     pub fn feedback(&self) -> Option<&FeedbackConfig> {
         self.feedback.as_ref()
+    }
+
+    /// The scorer of every window when the pipeline has exactly one and it
+    /// is builtin: then windows are scored while they fill
+    /// ([`crate::matching::prescore`]); a bandit's choice or an HTTP answer
+    /// is only known at the close.
+    pub(crate) fn sole_builtin_scorer(&self) -> Option<BuiltinScorer> {
+        match self.scorers.as_slice() {
+            [Scorer {
+                kind: ScorerKind::Builtin(b),
+                ..
+            }] => Some(*b),
+            _ => None,
+        }
     }
 
     /// The scorer a window falls back to when its HTTP scores are missing:

@@ -21,8 +21,9 @@ use super::cooldown::{CooldownBook, UserPair};
 use super::digest::{self, Digest};
 use super::feedback::{JoinBook, JoinRecord};
 use super::hash::{FastMap, FastSet};
-use super::matchmaker::{match_window, MatchParams, Pair};
+use super::matchmaker::{match_window_seeded, min_score_f32, MatchParams, Pair};
 use super::pairing::{Scores, WindowFilter, WindowPairs};
+use super::prescore::OpenWindow;
 use super::score::FeatureMatrix;
 use super::window::{window_phase, window_start, EventClock, MAX_ABS_EVENT_TIME};
 
@@ -115,9 +116,22 @@ struct Segment {
     windows: BTreeMap<i64, BTreeMap<i64, String>>,
     /// Windows whose pending requests changed since the last `take_changes`.
     changed_windows: BTreeSet<i64>,
+    /// Open windows scored as they fill, when the pipeline's scorer allows
+    /// it (not state: rebuilt from the members on restore).
+    prescored: BTreeMap<i64, OpenWindow>,
 }
 
 impl Segment {
+    /// Enters a pending request into window `start`'s prescoring.
+    fn enlist(&mut self, config: &EngineConfig, start: i64, offset: i64, req: &MatchRequest) {
+        if config.sole_builtin_scorer().is_some() {
+            self.prescored
+                .entry(start)
+                .or_insert_with(|| OpenWindow::new(config.dimension, config.top_k))
+                .add(offset, req);
+        }
+    }
+
     /// The queue record of window `start`; None once it has no request.
     fn queue_record(&self, start: i64, requests: &FastMap<String, Pending>) -> Option<QueueRecord> {
         let members = self.windows.get(&start).filter(|m| !m.is_empty())?;
@@ -191,14 +205,12 @@ impl Restoring {
                 )));
             }
             let id = request.request_id.clone();
-            engine
-                .segments
-                .entry(segment)
-                .or_default()
-                .windows
+            let seg = engine.segments.entry(segment).or_default();
+            seg.windows
                 .entry(q.window)
                 .or_default()
                 .insert(offset, id.clone());
+            seg.enlist(&engine.config, q.window, offset, &request);
             engine.requests.insert(
                 id,
                 Pending {
@@ -217,6 +229,14 @@ impl Restoring {
             None => Ok(engine),
         }
     }
+}
+
+/// A closing window's participants, as `score_and_match` needs them.
+struct WindowMembers<'a> {
+    ids: &'a [String],
+    offsets: &'a [i64],
+    reqs: &'a [&'a MatchRequest],
+    prescored: Option<OpenWindow>,
 }
 
 /// The matchmaking state of one input partition. Pure: time comes in as
@@ -241,6 +261,8 @@ pub struct PartitionEngine {
     persisted: FastSet<String>,
     /// Windows closed by this engine (not state: a metric).
     windows_closed: u64,
+    /// Of those, the ones matched from lists prescored while they filled.
+    windows_prescored: u64,
     /// The meta value last written (or restored).
     last_meta: Option<Vec<u8>>,
 }
@@ -261,6 +283,7 @@ impl PartitionEngine {
             dirty: BTreeSet::new(),
             persisted: FastSet::default(),
             windows_closed: 0,
+            windows_prescored: 0,
             last_meta: None,
         }
     }
@@ -384,6 +407,7 @@ impl PartitionEngine {
             .or_default()
             .insert(offset, id.clone());
         segment.changed_windows.insert(window);
+        segment.enlist(cfg, window, offset, &req);
         self.requests.insert(
             id,
             Pending {
@@ -650,9 +674,31 @@ impl PartitionEngine {
         out
     }
 
+    /// Scores the requests that arrived since the last call against their
+    /// open windows ([`crate::matching::prescore`]): the work a window's
+    /// close would otherwise do, done while it fills. A no-op for pipelines
+    /// whose windows get their scorer only at the close.
+    pub fn prescore(&mut self) {
+        let Some(scorer) = self.config.sole_builtin_scorer() else {
+            return;
+        };
+        let min = min_score_f32(self.config.min_score);
+        let from = self.config.prescore_from;
+        for seg in self.segments.values_mut() {
+            for window in seg.prescored.values_mut() {
+                window.score_new(scorer, min, from);
+            }
+        }
+    }
+
     /// Windows this engine closed since it was made or restored.
     pub fn windows_closed(&self) -> u64 {
         self.windows_closed
+    }
+
+    /// Of [`Self::windows_closed`], those matched from prescored lists.
+    pub fn windows_prescored(&self) -> u64 {
+        self.windows_prescored
     }
 
     pub fn counters(&self) -> BTreeMap<String, u64> {
@@ -788,7 +834,12 @@ impl PartitionEngine {
             .iter()
             .map(|p| p.request.request_id.clone())
             .collect();
+        let offsets: Vec<i64> = participants.iter().map(|p| p.offset).collect();
         let scorer = self.choose_scorer(segment, start);
+        let prescored = self
+            .segments
+            .get_mut(segment)
+            .and_then(|s| s.prescored.remove(&start));
 
         let pairs = {
             let reqs: Vec<&MatchRequest> = ids
@@ -796,9 +847,16 @@ impl PartitionEngine {
                 .filter_map(|id| self.requests.get(id))
                 .map(|p| &p.request)
                 .collect();
-            self.score_and_match(segment, start, &ids, &reqs, scorer, external)
+            let window = WindowMembers {
+                ids: &ids,
+                offsets: &offsets,
+                reqs: &reqs,
+                prescored,
+            };
+            self.score_and_match(segment, start, window, scorer, external)
         };
-        let (scorer_name, pairs) = pairs;
+        let (scorer_name, pairs, prescored) = pairs;
+        self.windows_prescored += u64::from(prescored);
 
         let mut matched = vec![false; ids.len()];
         for pair in &pairs {
@@ -845,6 +903,11 @@ impl PartitionEngine {
 
         let seg = self.segments.entry(segment.to_string()).or_default();
         seg.windows.remove(&start);
+        for (offset, id) in &carried {
+            if let Some(p) = self.requests.get(id) {
+                seg.enlist(&self.config, end, *offset, &p.request);
+            }
+        }
         if !carried.is_empty() {
             seg.windows.entry(end).or_default().extend(carried);
         }
@@ -861,11 +924,16 @@ impl PartitionEngine {
         &self,
         segment: &str,
         start: i64,
-        ids: &[String],
-        reqs: &[&MatchRequest],
+        window: WindowMembers<'_>,
         scorer: usize,
         external: &HashMap<WindowId, Vec<f32>>,
-    ) -> (String, Vec<Pair>) {
+    ) -> (String, Vec<Pair>, bool) {
+        let WindowMembers {
+            ids,
+            offsets,
+            reqs,
+            prescored,
+        } = window;
         let n = reqs.len();
         let spec = &self.config.scorers[scorer];
         let builtin = |b: BuiltinScorer| -> Option<Scores<'static>> {
@@ -897,7 +965,7 @@ impl PartitionEngine {
         // Vectors were validated on ingest and restore, so `scores` is set;
         // if not, nobody is matched rather than anyone on garbage.
         let Some(scores) = scores else {
-            return (name, Vec::new());
+            return (name, Vec::new(), false);
         };
         let pairs = WindowPairs {
             filter: WindowFilter::new(reqs, &self.cooldowns, start),
@@ -909,7 +977,18 @@ impl PartitionEngine {
             exact_below: self.config.exact_below,
             top_k: self.config.top_k,
         };
-        (name, match_window(&pairs, &params))
+        // Prescored lists are only for the scorer they were scored with.
+        let prescored = prescored.zip(self.config.sole_builtin_scorer());
+        let mut seeded = false;
+        let seeds = || {
+            let (mut window, b) = prescored?;
+            let min = min_score_f32(self.config.min_score);
+            let seeds = window.seeds(b, min, offsets, |p, q| pairs.filter.allowed(p, q));
+            seeded = seeds.is_some();
+            seeds
+        };
+        let matched = match_window_seeded(&pairs, &params, seeds);
+        (name, matched, seeded)
     }
 
     /// Starts the feedback join of a match, when the pipeline has one.

@@ -1067,12 +1067,14 @@ enum Seen {
 }
 
 /// Runs `ops` on `engine`; `log` collects its changelog; `restart` rebuilds
-/// it from the log at `Op::Restart` (else `take_changes` only).
+/// it from the log at `Op::Restart` (else `take_changes` only); `prescore`
+/// prescores after every ingest.
 fn run(
     engine: &mut PartitionEngine,
     log: &mut Vec<(String, Option<Vec<u8>>)>,
     ops: &[Op],
     restart: bool,
+    prescore: bool,
 ) -> Vec<Seen> {
     // The request partition: each ingested request at its offset.
     let mut source: Vec<MatchRequest> = Vec::new();
@@ -1087,6 +1089,9 @@ fn run(
                 let offset = source.len() as i64;
                 source.push(r.clone());
                 seen.push(Seen::Ingest(engine.ingest(r, offset, now)));
+                if prescore {
+                    engine.prescore();
+                }
             }
             Op::Outcome { .. } => {
                 now += 11;
@@ -1170,8 +1175,33 @@ proptest! {
         let config = EngineConfig::from_settings(&prop_settings(exact_below)).unwrap().with_top_k(top_k);
         let mut original = PartitionEngine::new(3, config.clone());
         let mut restarted = PartitionEngine::new(3, config);
-        let want = run(&mut original, &mut Vec::new(), &ops, false);
-        let got = run(&mut restarted, &mut Vec::new(), &ops, true);
+        let want = run(&mut original, &mut Vec::new(), &ops, false, false);
+        let got = run(&mut restarted, &mut Vec::new(), &ops, true, false);
+        prop_assert_eq!(got, want);
+    }
+
+    /// Windows scored while they fill (restarts included: the lists are
+    /// rebuilt in another order) match exactly as windows scored at their
+    /// close — ties, held-back requests, cooldowns and small K included.
+    #[test]
+    fn prescored_windows_match_as_scored_at_the_close(
+        ops in prop::collection::vec(op(), 1..80),
+        exact_below in prop::sample::select(vec![0, 3]),
+        top_k in 1usize..4,
+        from in 0usize..4,
+        complement in any::<bool>(),
+    ) {
+        let mut s = prop_settings(exact_below);
+        s.scorers = vec![if complement {
+            builtin("opposites", BuiltinScorer::Complement)
+        } else {
+            builtin("cosine", BuiltinScorer::Cosine)
+        }];
+        let config = EngineConfig::from_settings(&s).unwrap().with_top_k(top_k);
+        let mut at_close = PartitionEngine::new(3, config.clone().with_prescore_from(usize::MAX));
+        let mut prescored = PartitionEngine::new(3, config.with_prescore_from(from));
+        let want = run(&mut at_close, &mut Vec::new(), &ops, false, false);
+        let got = run(&mut prescored, &mut Vec::new(), &ops, true, true);
         prop_assert_eq!(got, want);
     }
 

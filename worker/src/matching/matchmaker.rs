@@ -36,7 +36,7 @@ pub const EPSILON: f64 = 1e-6;
 /// Rows scored per block in the greedy's first pass: 128 rows × 10,000
 /// candidates is a 5 MB score buffer, and re-packing the candidates per block
 /// costs ~1/128 of the GEMM.
-const BLOCK_ROWS: usize = 128;
+pub(crate) const BLOCK_ROWS: usize = 128;
 
 /// Requests rescored together when one runs out of candidates: the ones
 /// whose floors are next in line would need a refill soon anyway, and one
@@ -89,14 +89,14 @@ pub fn total_weight(pairs: &[Pair], min_score: f64) -> f64 {
 
 /// An edge in the greedy's total order: a greater `Edge` is taken first.
 #[derive(Debug, Clone, Copy)]
-struct Edge {
-    score: f32,
-    lo: u32,
-    hi: u32,
+pub(crate) struct Edge {
+    pub(crate) score: f32,
+    pub(crate) lo: u32,
+    pub(crate) hi: u32,
 }
 
 impl Edge {
-    fn new(score: f32, a: u32, b: u32) -> Self {
+    pub(crate) fn new(score: f32, a: u32, b: u32) -> Self {
         Edge {
             score,
             lo: a.min(b),
@@ -113,6 +113,17 @@ impl Edge {
         let bits = self.score.to_bits() as i32;
         let ordered = (bits ^ ((((bits >> 31) as u32) >> 1) as i32)) as u32 ^ 0x8000_0000;
         (u64::from(!ordered) << 32) | (u64::from(self.lo) << 16) | u64::from(self.hi)
+    }
+
+    /// The greatest edge of score `score`: every edge of that score or
+    /// lower is below it (no real edge has `lo == hi == 0`). A floor known
+    /// only by its score, for candidate lists kept in another index order.
+    pub(crate) fn above_all_of(score: f32) -> Self {
+        Edge {
+            score,
+            lo: 0,
+            hi: 0,
+        }
     }
 
     fn from_sort_key(key: u64) -> Self {
@@ -229,7 +240,8 @@ pub fn exact(src: &impl PairSource, min_score: f64) -> Vec<Pair> {
 /// its best K by linear-time selection, which raises the floor. Appends are
 /// O(1) amortised and touch one contiguous slot range (a heap per request
 /// costs a pointer chase and a sift per candidate).
-struct Candidates {
+#[derive(Debug, Clone)]
+pub(crate) struct Candidates {
     k: usize,
     slots: Vec<Edge>,
     len: Vec<u32>,
@@ -237,28 +249,43 @@ struct Candidates {
     /// the top K any more.
     floor: Vec<Option<Edge>>,
     /// The floor's score, or −∞: the one-compare reject of the hot loop.
-    threshold: Vec<f32>,
+    pub(crate) threshold: Vec<f32>,
 }
 
 impl Candidates {
-    fn new(n: usize, k: usize) -> Self {
-        let blank = Edge::new(f32::NEG_INFINITY, 0, 0);
-        Candidates {
+    pub(crate) fn new(n: usize, k: usize) -> Self {
+        let mut c = Candidates {
             k,
-            slots: vec![blank; n * 2 * k],
-            len: vec![0; n],
-            floor: vec![None; n],
-            threshold: vec![f32::NEG_INFINITY; n],
-        }
+            slots: Vec::new(),
+            len: Vec::new(),
+            floor: Vec::new(),
+            threshold: Vec::new(),
+        };
+        c.grow_to(n);
+        c
+    }
+
+    /// Edges kept per request.
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Adds empty lists up to `n` requests.
+    pub(crate) fn grow_to(&mut self, n: usize) {
+        let blank = Edge::new(f32::NEG_INFINITY, 0, 0);
+        self.slots.resize(n * 2 * self.k, blank);
+        self.len.resize(n, 0);
+        self.floor.resize(n, None);
+        self.threshold.resize(n, f32::NEG_INFINITY);
     }
 
     #[inline]
-    fn admits(&self, u: usize, e: Edge) -> bool {
+    pub(crate) fn admits(&self, u: usize, e: Edge) -> bool {
         self.floor[u].is_none_or(|f| e > f)
     }
 
     #[inline]
-    fn push(&mut self, u: usize, e: Edge) {
+    pub(crate) fn push(&mut self, u: usize, e: Edge) {
         let l = self.len[u] as usize;
         self.slots[u * 2 * self.k + l] = e;
         self.len[u] += 1;
@@ -284,7 +311,7 @@ impl Candidates {
     }
 
     /// `u`'s best K edges, and its floor if it has K (there may be more below).
-    fn finish(&mut self, u: usize) -> (&[Edge], Option<Edge>) {
+    pub(crate) fn finish(&mut self, u: usize) -> (&[Edge], Option<Edge>) {
         self.cut(u);
         let base = u * 2 * self.k;
         let list = &self.slots[base..base + self.len[u] as usize];
@@ -330,18 +357,55 @@ pub fn greedy(src: &impl PairSource, min_score: f64, top_k: usize) -> Vec<Pair> 
     // A request has at most n − 1 edges: a larger K only costs memory.
     let k = top_k.clamp(1, n);
     let mut cands = first_pass(src, min_score, k);
-
-    let mut sorted = Vec::with_capacity(n * k.min(n));
-    // Requests whose lists are full (there may be more edges below), by floor.
-    let mut floors: BinaryHeap<(Edge, u32)> = BinaryHeap::new();
+    let mut seeds = Seeds::with_capacity(n * k);
     for u in 0..n {
         let (list, floor) = cands.finish(u);
-        sorted.extend_from_slice(list);
+        seeds.edges.extend_from_slice(list);
         if let Some(f) = floor {
-            floors.push((f, u as u32));
+            seeds.floors.push((f, u as u32));
         }
     }
     drop(cands);
+    greedy_seeded(src, min_score, k, seeds)
+}
+
+/// What the greedy starts from: candidate edges (duplicates allowed) and the
+/// floors of the requests that may have edges not among them — each such
+/// edge is below its request's floor.
+#[derive(Debug, Default)]
+pub(crate) struct Seeds {
+    pub(crate) edges: Vec<Edge>,
+    pub(crate) floors: Vec<(Edge, u32)>,
+}
+
+impl Seeds {
+    pub(crate) fn with_capacity(edges: usize) -> Self {
+        Seeds {
+            edges: Vec::with_capacity(edges),
+            floors: Vec::new(),
+        }
+    }
+}
+
+/// The greedy from `seeds` instead of a first pass of its own: the same
+/// matching as [`greedy`] whenever the seeds keep its promise (every allowed
+/// edge of `src` is among the edges or below its request's floor), whatever
+/// produced them — e.g. candidate lists kept while the window filled.
+pub(crate) fn greedy_seeded(
+    src: &impl PairSource,
+    min_score: f64,
+    top_k: usize,
+    seeds: Seeds,
+) -> Vec<Pair> {
+    let n = src.len();
+    if n < 2 {
+        return Vec::new();
+    }
+    let k = top_k.clamp(1, n);
+    let Seeds { mut edges, floors } = seeds;
+    // Requests whose lists are full (there may be more edges below), by floor.
+    let mut floors: BinaryHeap<(Edge, u32)> = floors.into();
+    let mut sorted = std::mem::take(&mut edges);
     sort_best_first(&mut sorted, n);
     let mut queue = EdgeQueue {
         sorted,
@@ -425,47 +489,87 @@ fn first_pass(src: &impl PairSource, min_score: f64, k: usize) -> Candidates {
             // Only j > i: the block's diagonal part and everything right of it.
             let first = i + 1;
             let row = &row[a + 1..];
-            // Vectorised: prefilter, then floors and minScore on top.
             let marks = &mut marks[..row.len()];
             src.prefilter(i as u32, first, marks);
-            let ti = cands.threshold[i];
-            for ((m, &s), &tj) in marks.iter_mut().zip(row).zip(&cands.threshold[first..]) {
-                *m &= u8::from((s >= min) & ((s >= ti) | (s >= tj)));
-            }
-            // Marks are a few percent: skip eight at a time.
-            let mut found = 0;
-            for (c, chunk) in marks.chunks(8).enumerate() {
-                let mut word = [0u8; 8];
-                word[..chunk.len()].copy_from_slice(chunk);
-                let mut bits = u64::from_le_bytes(word);
-                while bits != 0 {
-                    let b = c * 8 + bits.trailing_zeros() as usize / 8;
-                    bits &= bits - 1;
-                    hits[found] = b as u32;
-                    found += 1;
-                }
-            }
-            for &b in &hits[..found] {
-                let j = first + b as usize;
-                let e = Edge::new(row[b as usize], i as u32, j as u32);
-                let (to_i, to_j) = (cands.admits(i, e), cands.admits(j, e));
-                if (to_i || to_j) && src.allowed(i as u32, j as u32) {
-                    if to_i {
-                        cands.push(i, e);
-                    }
-                    if to_j {
-                        cands.push(j, e);
-                    }
-                }
-            }
+            offer_row(&mut cands, i, first, row, marks, &mut hits, min, |j| {
+                src.allowed(i as u32, j as u32)
+            });
         }
     }
     cands
 }
 
+/// Offers request `i`'s scores against the requests `first..first +
+/// row.len()` to both sides' candidate lists. `marks` holds the prefilter's
+/// verdicts (0: never allowed) and is overwritten; `allowed(j)` confirms a
+/// pair that beats a floor. Branch-free first: only the few percent of
+/// columns that reach minScore, beat either side's floor and pass the
+/// prefilter take the slow path.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn offer_row(
+    cands: &mut Candidates,
+    i: usize,
+    first: usize,
+    row: &[f32],
+    marks: &mut [u8],
+    hits: &mut [u32],
+    min: f32,
+    allowed: impl Fn(usize) -> bool,
+) {
+    let ti = cands.threshold[i];
+    let thresholds = &cands.threshold[first..first + row.len()];
+    for ((m, &s), &tj) in marks.iter_mut().zip(row).zip(thresholds) {
+        *m &= u8::from((s >= min) & ((s >= ti) | (s >= tj)));
+    }
+    // Marks are a few percent: skip eight at a time.
+    let mut found = 0;
+    for (c, chunk) in marks.chunks(8).enumerate() {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        let mut bits = u64::from_le_bytes(word);
+        while bits != 0 {
+            let b = c * 8 + bits.trailing_zeros() as usize / 8;
+            bits &= bits - 1;
+            hits[found] = b as u32;
+            found += 1;
+        }
+    }
+    for &b in &hits[..found] {
+        let j = first + b as usize;
+        let e = Edge::new(row[b as usize], i as u32, j as u32);
+        let (to_i, to_j) = (cands.admits(i, e), cands.admits(j, e));
+        if (to_i || to_j) && allowed(j) {
+            if to_i {
+                cands.push(i, e);
+            }
+            if to_j {
+                cands.push(j, e);
+            }
+        }
+    }
+}
+
+/// [`match_window`], starting the greedy from `seeds()` when it gives some
+/// (and the window is too large for the exact matcher).
+pub(crate) fn match_window_seeded(
+    src: &impl PairSource,
+    p: &MatchParams,
+    seeds: impl FnOnce() -> Option<Seeds>,
+) -> Vec<Pair> {
+    let n = src.len();
+    if n < 2 || n <= p.exact_below.min(MAX_EXACT_BELOW) {
+        return match_window(src, p);
+    }
+    match seeds() {
+        Some(s) => greedy_seeded(src, p.min_score, p.top_k, s),
+        None => greedy(src, p.min_score, p.top_k),
+    }
+}
+
 /// The smallest f32 at or above `min`: for an f32 score `s`,
 /// `s >= min_score_f32(m)` exactly when `f64::from(s) >= m`.
-fn min_score_f32(min: f64) -> f32 {
+pub(crate) fn min_score_f32(min: f64) -> f32 {
     let m = min as f32;
     if f64::from(m) < min {
         m.next_up()

@@ -153,6 +153,7 @@ pub mod feedback;
 pub(crate) mod hash;
 pub mod matchmaker;
 pub mod pairing;
+pub mod prescore;
 pub mod score;
 pub mod window;
 

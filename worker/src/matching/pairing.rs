@@ -135,8 +135,8 @@ impl WindowFilter {
 }
 
 /// Preferences as 32-bit lanes (eight to an AVX2 vector), for the prefilter.
-#[derive(Debug, Clone)]
-struct Lanes {
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Lanes {
     gender_bit: Vec<u32>,
     wants: Vec<u32>,
     age: Vec<u32>,
@@ -151,22 +151,33 @@ impl Lanes {
         if f.words != 1 || f.gender.iter().any(|&g| g >= 32) {
             return None;
         }
-        Some(Lanes {
-            gender_bit: f.gender.iter().map(|&g| 1 << g).collect(),
-            wants: f.wants.iter().map(|&w| w as u32).collect(),
-            age: f.age.iter().map(|&a| u32::from(a)).collect(),
-            min_age: f.min_age.iter().map(|&a| u32::from(a)).collect(),
-            age_span: f
-                .min_age
-                .iter()
-                .zip(&f.max_age)
-                .map(|(&lo, &hi)| u32::from(hi.saturating_sub(lo)))
-                .collect(),
-            user: f.user.clone(),
-        })
+        let mut lanes = Lanes::default();
+        for i in 0..f.user.len() {
+            lanes.push(
+                f.user[i],
+                f.gender[i],
+                f.wants[i] as u32,
+                f.age[i],
+                (f.min_age[i], f.max_age[i]),
+            );
+        }
+        Some(lanes)
     }
 
-    fn prefilter(&self, i: usize, first: usize, out: &mut [u8]) {
+    /// Appends a request: its user and gender ids (gender < 32), the bit set
+    /// of the gender ids it accepts, its age and the ages it accepts.
+    pub(crate) fn push(&mut self, user: u32, gender: u32, wants: u32, age: u8, ages: (u8, u8)) {
+        self.gender_bit.push(1 << gender);
+        self.wants.push(wants);
+        self.age.push(u32::from(age));
+        self.min_age.push(u32::from(ages.0));
+        self.age_span.push(u32::from(ages.1.saturating_sub(ages.0)));
+        self.user.push(user);
+    }
+
+    /// Exactly "distinct users, each accepting the other" for `i` against
+    /// the columns `first..first + out.len()`: 1 or 0 per column.
+    pub(crate) fn prefilter(&self, i: usize, first: usize, out: &mut [u8]) {
         let end = first + out.len();
         let (g, w) = (&self.gender_bit[first..end], &self.wants[first..end]);
         let (a, lo, span) = (
@@ -238,14 +249,7 @@ impl<'a> Scores<'a> {
                     // rather than match on garbage.
                     out.fill(f32::NAN);
                 } else {
-                    // Rounding lets the cosine of equal unit vectors exceed 1,
-                    // and so its complement fall below a minScore of -1.
-                    let sign = if *scorer == BuiltinScorer::Complement {
-                        -1.0
-                    } else {
-                        1.0
-                    };
-                    out.iter_mut().for_each(|s| *s = sign * s.clamp(-1.0, 1.0));
+                    builtin_scores(*scorer, out);
                 }
             }
             Scores::External { n, scores } => {
@@ -261,6 +265,18 @@ impl<'a> Scores<'a> {
 }
 
 /// A window ready for the matchmaker: its filter and its scores.
+/// Turns dot products of unit vectors into `scorer`'s scores, in place.
+/// Clamped: rounding lets the cosine of equal unit vectors exceed 1, and so
+/// its complement fall below a minScore of -1.
+pub(crate) fn builtin_scores(scorer: BuiltinScorer, dots: &mut [f32]) {
+    let sign = if scorer == BuiltinScorer::Complement {
+        -1.0
+    } else {
+        1.0
+    };
+    dots.iter_mut().for_each(|s| *s = sign * s.clamp(-1.0, 1.0));
+}
+
 #[derive(Debug, Clone)]
 pub struct WindowPairs<'a> {
     pub filter: WindowFilter,

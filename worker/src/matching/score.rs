@@ -102,13 +102,17 @@ impl FeatureMatrix {
     /// similarities. An all-zero row stays zero (similarity 0 with anything)
     /// rather than becoming NaN.
     pub fn normalize_rows(&mut self) {
-        for row in self.data.chunks_exact_mut(self.dim) {
-            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                let inv = 1.0 / norm;
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
-        }
+        self.data.chunks_exact_mut(self.dim).for_each(normalize_row);
+    }
+}
+
+/// Scales `row` to unit L2 norm (a zero row stays zero): what
+/// [`FeatureMatrix::normalize_rows`] does to each row.
+pub(crate) fn normalize_row(row: &mut [f32]) {
+    let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        let inv = 1.0 / norm;
+        row.iter_mut().for_each(|x| *x *= inv);
     }
 }
 

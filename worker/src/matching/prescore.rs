@@ -1,0 +1,397 @@
+//! Prescoring: a window's pairs scored while the window fills, so that its
+//! close only has to run the greedy.
+//!
+//! Scoring a window is O(n²) and used to happen all at its close, which put
+//! the whole cost between the close and the results (a 3,400-request window:
+//! tens of ms on one core). An [`OpenWindow`] keeps, per member, the top-K
+//! candidate lists the matchmaker's first pass would build; each member is
+//! scored once against the members before it (the same GEMM, prefilter and
+//! floors as the first pass, [`offer_row`]), a batch at a time as they
+//! arrive. At the close, [`OpenWindow::seeds`] turns the lists into the
+//! greedy's seeds for the window's participants.
+//!
+//! **Same matching as scoring at the close.** The greedy is exact for any
+//! seeds in which every allowed edge is either present or below its
+//! request's floor ([`greedy_seeded`](super::matchmaker::greedy_seeded)).
+//! The lists keep that promise for the members, whatever the order they
+//! arrived in: an edge left out scores at most the K-th kept score, and the
+//! floor handed on is [`Edge::above_all_of`] that score, so ties with it are
+//! refilled rather than trusted to an index order that differs between the
+//! lists (arrival) and the close (offset). Members that do not take part
+//! (a user's second request, held back) are dropped from the lists; pairs
+//! are confirmed at the close with its filter (cooldowns change while the
+//! window fills, preferences do not — the prescoring checks only those).
+//! Scores are bit-identical either way: each is one dot product summed in
+//! feature order, symmetric and independent of its place in the GEMM.
+
+use matchfleet_api::match_pipeline::BuiltinScorer;
+use matchfleet_api::matching::MatchRequest;
+
+use super::hash::FastMap;
+use super::matchmaker::{offer_row, Candidates, Edge, Seeds, BLOCK_ROWS};
+use super::pairing::{builtin_scores, Lanes};
+use super::score::{normalize_row, score_batch, FeatureMatrix};
+
+/// Members a window needs before it is prescored: below this a window's
+/// close is a millisecond or two anyway, and its members cost no candidate
+/// lists (2·K edges each).
+pub const PRESCORE_FROM: usize = 256;
+
+/// Gender ids the prefilter's 32-bit lanes hold; a window with more distinct
+/// genders (profiles and preferences) is scored at its close instead.
+const MAX_GENDERS: usize = 32;
+
+/// One open window's members and their candidate lists so far.
+#[derive(Debug, Clone)]
+pub struct OpenWindow {
+    dim: usize,
+    /// Member index by request offset.
+    members: FastMap<i64, u32>,
+    /// Unit-length vectors, one row per member.
+    vectors: Vec<f32>,
+    lanes: Lanes,
+    users: FastMap<String, u32>,
+    genders: FastMap<String, u32>,
+    cands: Candidates,
+    /// Members `0..scored` are scored against each other.
+    scored: usize,
+    /// Too many genders for the lanes: left to the close.
+    gave_up: bool,
+}
+
+impl OpenWindow {
+    pub fn new(dim: usize, top_k: usize) -> Self {
+        OpenWindow {
+            dim,
+            members: FastMap::default(),
+            vectors: Vec::new(),
+            lanes: Lanes::default(),
+            users: FastMap::default(),
+            genders: FastMap::default(),
+            cands: Candidates::new(0, top_k.max(1)),
+            scored: 0,
+            gave_up: false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Members scored so far.
+    pub fn scored(&self) -> usize {
+        self.scored
+    }
+
+    /// Adds the request read at `offset` (a valid request of the window's
+    /// dimension; a second add of an offset is ignored).
+    pub fn add(&mut self, offset: i64, req: &MatchRequest) {
+        if self.gave_up || self.members.contains_key(&offset) || req.vector.len() != self.dim {
+            return;
+        }
+        let (Some(gender), Some(wants)) = (self.gender(&req.profile.gender), self.wants(req))
+        else {
+            self.give_up();
+            return;
+        };
+        let next = self.users.len() as u32;
+        let user = *self.users.entry(req.user.clone()).or_insert(next);
+        let ages = (req.wants.min_age, req.wants.max_age);
+        self.lanes.push(user, gender, wants, req.profile.age, ages);
+        let at = self.vectors.len();
+        self.vectors.extend_from_slice(&req.vector);
+        normalize_row(&mut self.vectors[at..]);
+        self.members.insert(offset, self.members.len() as u32);
+    }
+
+    /// The gender's window id; None past [`MAX_GENDERS`].
+    fn gender(&mut self, name: &str) -> Option<u32> {
+        if let Some(&g) = self.genders.get(name) {
+            return Some(g);
+        }
+        let next = self.genders.len();
+        (next < MAX_GENDERS).then(|| {
+            self.genders.insert(name.to_string(), next as u32);
+            next as u32
+        })
+    }
+
+    /// The bit set of the gender ids `req` accepts (all for "anyone").
+    fn wants(&mut self, req: &MatchRequest) -> Option<u32> {
+        if req.wants.genders.is_empty() {
+            return Some(u32::MAX);
+        }
+        let mut bits = 0;
+        for g in &req.wants.genders {
+            bits |= 1 << self.gender(g)?;
+        }
+        Some(bits)
+    }
+
+    fn give_up(&mut self) {
+        *self = OpenWindow {
+            gave_up: true,
+            ..OpenWindow::new(self.dim, self.cands_k())
+        };
+    }
+
+    fn cands_k(&self) -> usize {
+        self.cands.k()
+    }
+
+    /// Scores the members not scored yet against all before them, once the
+    /// window has at least `from` members.
+    pub fn score_new(&mut self, scorer: BuiltinScorer, min: f32, from: usize) {
+        let n = self.len();
+        if self.gave_up || self.scored == n || n < from {
+            return;
+        }
+        self.cands.grow_to(n);
+        let d = self.dim;
+        let mut out = Vec::new();
+        let mut marks = vec![0u8; n];
+        let mut hits = vec![0u32; n];
+        for r0 in (self.scored..n).step_by(BLOCK_ROWS) {
+            let r1 = (r0 + BLOCK_ROWS).min(n);
+            let (Ok(rows), Ok(cols)) = (
+                FeatureMatrix::from_slice(&self.vectors[r0 * d..r1 * d], d),
+                FeatureMatrix::from_slice(&self.vectors[..r1 * d], d),
+            ) else {
+                // Vectors are checked on ingest: unreachable; the close
+                // scores the window itself.
+                self.give_up();
+                return;
+            };
+            out.resize((r1 - r0) * r1, 0.0);
+            if score_batch(&rows, &cols, &mut out).is_err() {
+                self.give_up();
+                return;
+            }
+            builtin_scores(scorer, &mut out);
+            for (a, row) in out.chunks_exact(r1).enumerate() {
+                // Against the members before it: each pair once.
+                let i = r0 + a;
+                let row = &row[..i];
+                let marks = &mut marks[..i];
+                self.lanes.prefilter(i, 0, marks);
+                // The lanes are exact for preferences and users.
+                offer_row(&mut self.cands, i, 0, row, marks, &mut hits, min, |_| true);
+            }
+        }
+        self.scored = n;
+    }
+
+    /// The greedy's seeds for the participants (their offsets, in the
+    /// close's index order), after scoring whatever is left; `allowed(p, q)`
+    /// is the close's own check of a pair of participant indices. None when
+    /// the window was never prescored or a participant is not a member: the
+    /// close then scores the window itself.
+    pub(crate) fn seeds(
+        &mut self,
+        scorer: BuiltinScorer,
+        min: f32,
+        participants: &[i64],
+        allowed: impl Fn(u32, u32) -> bool,
+    ) -> Option<Seeds> {
+        if self.gave_up || self.scored == 0 {
+            return None;
+        }
+        self.score_new(scorer, min, 0);
+        let mut by_member = vec![u32::MAX; self.len()];
+        for (p, offset) in participants.iter().enumerate() {
+            by_member[*self.members.get(offset)? as usize] = p as u32;
+        }
+        let mut seeds = Seeds::with_capacity(participants.len() * self.cands_k());
+        for (p, offset) in participants.iter().enumerate() {
+            let m = self.members[offset];
+            let (list, floor) = self.cands.finish(m as usize);
+            for e in list {
+                let other = if e.lo == m { e.hi } else { e.lo };
+                let q = by_member[other as usize];
+                if q != u32::MAX && allowed(p as u32, q) {
+                    seeds.edges.push(Edge::new(e.score, p as u32, q));
+                }
+            }
+            if let Some(f) = floor {
+                seeds.floors.push((Edge::above_all_of(f.score), p as u32));
+            }
+        }
+        Some(seeds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matching::cooldown::CooldownBook;
+    use crate::matching::matchmaker::{greedy, greedy_seeded, min_score_f32, Pair};
+    use crate::matching::pairing::tests::request;
+    use crate::matching::pairing::{Scores, WindowFilter, WindowPairs};
+    use proptest::prelude::*;
+
+    /// The participants' pair source, as the close builds it.
+    fn pairs<'a>(reqs: &[&MatchRequest], scorer: BuiltinScorer) -> WindowPairs<'a> {
+        let data: Vec<f32> = reqs.iter().flat_map(|r| r.vector.clone()).collect();
+        WindowPairs {
+            filter: WindowFilter::new(reqs, &CooldownBook::default(), 0),
+            scores: Scores::builtin(FeatureMatrix::from_vec(data, 2).unwrap(), scorer),
+            len: reqs.len(),
+        }
+    }
+
+    /// Prescores `arrivals` (offset, request) in batches of `batch`, then
+    /// matches `participants` (offsets, in order) from the seeds.
+    fn prescored(
+        arrivals: &[(i64, MatchRequest)],
+        participants: &[i64],
+        k: usize,
+        batch: usize,
+        min: f64,
+        scorer: BuiltinScorer,
+    ) -> Option<Vec<Pair>> {
+        let mut w = OpenWindow::new(2, k);
+        for chunk in arrivals.chunks(batch.max(1)) {
+            for (offset, r) in chunk {
+                w.add(*offset, r);
+            }
+            w.score_new(scorer, min_score_f32(min), 0);
+        }
+        let by_offset: FastMap<i64, &MatchRequest> =
+            arrivals.iter().map(|(o, r)| (*o, r)).collect();
+        let reqs: Vec<&MatchRequest> = participants.iter().map(|o| by_offset[o]).collect();
+        let src = pairs(&reqs, scorer);
+        let seeds = w.seeds(scorer, min_score_f32(min), participants, |p, q| {
+            src.filter.allowed(p, q)
+        })?;
+        Some(greedy_seeded(&src, min, k, seeds))
+    }
+
+    fn anyone(id: usize, user: usize, v: [f32; 2]) -> MatchRequest {
+        let mut r = request(&format!("r{id}"), &format!("u{user}"), "f", 30, &[], 18, 99);
+        r.vector = v.to_vec();
+        r
+    }
+
+    #[test]
+    fn ties_at_the_floor_are_refilled_not_trusted() {
+        // Equal vectors: every pair scores 1, so the index order decides.
+        // They arrive in reverse offset order, so the lists (arrival order)
+        // and the close (offset order) break the ties differently.
+        let arrivals: Vec<(i64, MatchRequest)> = (0..6)
+            .rev()
+            .map(|i| (i as i64, anyone(i, i, [1.0, 1.0])))
+            .collect();
+        let participants: Vec<i64> = (0..6).collect();
+        let got = prescored(&arrivals, &participants, 1, 1, -1.0, BuiltinScorer::Cosine).unwrap();
+        let reqs: Vec<&MatchRequest> = (0..6).map(|i| &arrivals[5 - i].1).collect();
+        let want = greedy(&pairs(&reqs, BuiltinScorer::Cosine), -1.0, 1);
+        assert_eq!(got, want);
+        let ids: Vec<(u32, u32)> = got.iter().map(|p| (p.i, p.j)).collect();
+        assert_eq!(ids, vec![(0, 1), (2, 3), (4, 5)]);
+    }
+
+    #[test]
+    fn a_window_never_prescored_or_with_too_many_genders_is_left_to_the_close() {
+        let mut w = OpenWindow::new(2, 4);
+        w.add(0, &anyone(0, 0, [1.0, 0.0]));
+        w.add(1, &anyone(1, 1, [1.0, 0.0]));
+        let min = min_score_f32(-1.0);
+        w.score_new(BuiltinScorer::Cosine, min, 3);
+        assert_eq!(w.scored(), 0, "below `from`: not scored yet");
+        assert!(w
+            .seeds(BuiltinScorer::Cosine, min, &[0, 1], |_, _| true)
+            .is_none());
+        w.score_new(BuiltinScorer::Cosine, min, 2);
+        assert_eq!(w.scored(), 2);
+        assert!(w
+            .seeds(BuiltinScorer::Cosine, min, &[0, 1], |_, _| true)
+            .is_some());
+        assert!(
+            w.seeds(BuiltinScorer::Cosine, min, &[0, 7], |_, _| true)
+                .is_none(),
+            "a participant that is not a member"
+        );
+
+        let mut many = OpenWindow::new(2, 4);
+        for g in 0..MAX_GENDERS + 1 {
+            let mut r = anyone(g, g, [1.0, 0.0]);
+            r.profile.gender = format!("g{g}");
+            many.add(g as i64, &r);
+        }
+        many.score_new(BuiltinScorer::Cosine, min, 0);
+        assert!(many.is_empty() && many.scored() == 0);
+        assert!(many
+            .seeds(BuiltinScorer::Cosine, min, &[0], |_, _| true)
+            .is_none());
+    }
+
+    fn arb_window() -> impl Strategy<Value = Vec<MatchRequest>> {
+        let one = (
+            0usize..12,
+            0usize..3,
+            20u8..40,
+            0usize..4,
+            -3i8..4,
+            -3i8..4,
+            0u8..10,
+        );
+        prop::collection::vec(one, 2..60).prop_map(|rows| {
+            rows.into_iter()
+                .enumerate()
+                .map(|(i, (user, g, age, wants, x, y, span))| {
+                    let gender = ["f", "m", "x"][g];
+                    let wanted: &[&str] = [&[][..], &["f"], &["m"], &["f", "x"]][wants];
+                    let mut r = request(
+                        &format!("r{i}"),
+                        &format!("u{user}"),
+                        gender,
+                        age,
+                        wanted,
+                        age - span,
+                        age + span,
+                    );
+                    r.vector = vec![f32::from(x), f32::from(y)];
+                    r
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// Whatever the arrival order, batch sizes and participants, the
+        /// seeds give exactly the greedy of the participants' full graph.
+        #[test]
+        fn prescored_seeds_give_the_greedy_of_the_full_graph(
+            window in arb_window(),
+            order_seed in any::<u64>(),
+            drop_mask in any::<u64>(),
+            k in 1usize..5,
+            batch in 1usize..20,
+            min in prop::sample::select(vec![-1.0, 0.0, 0.5]),
+            complement in any::<bool>(),
+        ) {
+            let scorer = if complement { BuiltinScorer::Complement } else { BuiltinScorer::Cosine };
+            // Offsets in window order; arrival order shuffled.
+            let mut arrivals: Vec<(i64, MatchRequest)> =
+                window.iter().cloned().enumerate().map(|(i, r)| (i as i64, r)).collect();
+            let mut s = order_seed | 1;
+            for i in (1..arrivals.len()).rev() {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                arrivals.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            let participants: Vec<i64> = (0..window.len() as i64)
+                .filter(|&o| drop_mask & (1 << (o % 64)) == 0 || o % 5 == 0)
+                .collect();
+            let reqs: Vec<&MatchRequest> = participants.iter().map(|&o| &window[o as usize]).collect();
+            let want = greedy(&pairs(&reqs, scorer), min, k);
+            let got = prescored(&arrivals, &participants, k, batch, min, scorer).unwrap();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
