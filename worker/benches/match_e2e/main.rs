@@ -30,6 +30,8 @@
 //! BENCH_PARTITIONS (16), BENCH_SEGMENTS (64), BENCH_SKEW (0.5),
 //! BENCH_USERS (200000), BENCH_WINDOW_MILLIS (1000), BENCH_WORKER_CPU (0),
 //! BENCH_LEASE_MILLIS (6000, the CRD default; heartbeats every 1000 ms);
+//! BENCH_WARM_UP_SECONDS (30: sequential transactions that warm the broker's
+//! JIT before anything is measured);
 //! BENCH_MOVE_BROKER (1: a local broker allowed on the worker's core is
 //! moved off it for the run and put back after; 0 leaves it); BENCH_KEEP_LOGS (set: keep the children's logs, and say where).
 //! Results and their reading: BENCHMARKS.md.
@@ -75,6 +77,8 @@ pub struct Settings {
     pub lease_millis: u64,
     /// Move a local broker off the worker's core for the run.
     pub move_broker: bool,
+    /// Seconds of sequential transactions before the probes (broker JIT).
+    pub warm_up_seconds: f64,
     /// Unique per run: topics, groups and transactional ids carry it.
     pub run_id: String,
 }
@@ -105,8 +109,12 @@ impl Settings {
             worker_cpu: num("BENCH_WORKER_CPU", 0)?,
             lease_millis: num("BENCH_LEASE_MILLIS", 6000)?,
             move_broker: num("BENCH_MOVE_BROKER", 1u8)? != 0,
+            warm_up_seconds: num("BENCH_WARM_UP_SECONDS", 30.0)?,
             run_id: format!("{}-{millis}", std::process::id()),
         };
+        if !(s.warm_up_seconds >= 0.0 && s.warm_up_seconds.is_finite()) {
+            bail!("BENCH_WARM_UP_SECONDS must be a number of seconds >= 0");
+        }
         if !(s.rate >= 1.0 && s.rate.is_finite()) {
             bail!("BENCH_RATE must be at least 1");
         }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use matchfleet_worker::match_mode::txn::{Commit, Topics, Transactions};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaResult;
 use rdkafka::producer::{
     BaseProducer, BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
@@ -43,6 +43,7 @@ const WARM_UP: usize = 3;
 const SLOW_ROUNDS: usize = 30;
 
 pub struct Probes {
+    pub warm_up: WarmUp,
     pub worker: Stats,
     pub base_served: Stats,
     pub base_at_once: Stats,
@@ -52,7 +53,13 @@ pub struct Probes {
 pub async fn run(s: &Settings) -> anyhow::Result<Probes> {
     let topic = s.probe_topic();
     kafka::create_topic(&s.bootstrap, &topic, 1).await?;
-    let worker = worker_transactions(s, &topic).await?;
+    let (bootstrap, t, group) = (s.bootstrap.clone(), topic.clone(), probe_group(s));
+    tokio::task::spawn_blocking(move || group_offsets_ready(&bootstrap, &t, &group)).await??;
+    let warm_up = warm_up(s, &topic).await?;
+    let worker = worker_transactions(s, &topic, Rounds::Count(WARM_UP + ROUNDS))
+        .await?
+        .split_off(WARM_UP);
+    let worker = Stats::of_durations(worker);
     let (bootstrap, t, group) = (s.bootstrap.clone(), topic.clone(), probe_group(s));
     let base_served = tokio::task::spawn_blocking(move || {
         let producer: BaseProducer = transactional(&bootstrap, &format!("{t}.base-served"))?;
@@ -97,6 +104,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<Probes> {
     })
     .await??;
     Ok(Probes {
+        warm_up,
         worker,
         base_served,
         base_at_once,
@@ -121,13 +129,71 @@ fn group_consumer(bootstrap: &str, topic: &str, group: &str) -> anyhow::Result<B
     Ok(consumer)
 }
 
+/// Waits until the probe group can commit offsets. A broker that never had
+/// a consumer group creates `__consumer_offsets` on the first commit; when
+/// that first commit was a transaction's, the transaction failed ("old
+/// epoch") and the bench went down its slow error path.
+fn group_offsets_ready(bootstrap: &str, topic: &str, group: &str) -> anyhow::Result<()> {
+    let consumer = group_consumer(bootstrap, topic, group)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(0))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("match_e2e: waiting for the group coordinator: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e).context("the probe group cannot commit offsets"),
+        }
+    }
+}
+
 fn metadata(consumer: &BaseConsumer) -> anyhow::Result<ConsumerGroupMetadata> {
     consumer
         .group_metadata()
         .context("the probe consumer has no group metadata")
 }
 
-async fn worker_transactions(s: &Settings, topic: &str) -> anyhow::Result<Stats> {
+/// The broker's warm-up: sequential transactions for a while before anything
+/// is measured. A JVM broker answers slowly until its JIT has compiled the
+/// request paths: right after its start an idle transaction took 26-33 ms
+/// (p50) here, after a few thousand 3-5 ms, and a long-running cluster
+/// broker is the case the figures are for.
+pub struct WarmUp {
+    pub seconds: f64,
+    pub transactions: usize,
+    pub first: Stats,
+    pub last: Stats,
+}
+
+async fn warm_up(s: &Settings, topic: &str) -> anyhow::Result<WarmUp> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(s.warm_up_seconds);
+    let mut times = worker_transactions(s, topic, Rounds::Until(deadline)).await?;
+    let n = times.len();
+    let last = times.split_off(n.saturating_sub(100));
+    times.truncate(100);
+    Ok(WarmUp {
+        seconds: started.elapsed().as_secs_f64(),
+        transactions: n,
+        first: Stats::of_durations(times),
+        last: Stats::of_durations(last),
+    })
+}
+
+enum Rounds {
+    Count(usize),
+    Until(Instant),
+}
+
+/// Sequential transactions of the worker's `Transactions`; their durations.
+async fn worker_transactions(
+    s: &Settings,
+    topic: &str,
+    rounds: Rounds,
+) -> anyhow::Result<Vec<Duration>> {
     let topics = Topics {
         source: topic.to_string(),
         results: topic.to_string(),
@@ -138,8 +204,15 @@ async fn worker_transactions(s: &Settings, topic: &str) -> anyhow::Result<Stats>
     };
     let txn = Transactions::open(&s.bootstrap, &format!("{topic}.worker"), topics, 0).await?;
     let consumer = group_consumer(&s.bootstrap, topic, &probe_group(s))?;
-    let mut times = Vec::with_capacity(ROUNDS);
-    for i in 0..WARM_UP + ROUNDS {
+    let mut times = Vec::new();
+    for i in 0.. {
+        let more = match rounds {
+            Rounds::Count(n) => i < n,
+            Rounds::Until(t) => i == 0 || Instant::now() < t,
+        };
+        if !more {
+            break;
+        }
         let commit = Commit {
             results: vec![("probe".into(), br#"{"probe":true}"#.to_vec())],
             changes: vec![("probe/state".into(), Some(br#"{"probe":true}"#.to_vec()))],
@@ -148,11 +221,9 @@ async fn worker_transactions(s: &Settings, topic: &str) -> anyhow::Result<Stats>
         };
         let started = Instant::now();
         txn.commit(commit, metadata(&consumer)?).await?;
-        if i >= WARM_UP {
-            times.push(started.elapsed());
-        }
+        times.push(started.elapsed());
     }
-    Ok(Stats::of_durations(times))
+    Ok(times)
 }
 
 fn transactional<C: rdkafka::config::FromClientConfig>(

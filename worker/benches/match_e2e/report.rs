@@ -215,6 +215,14 @@ pub fn print(r: &Report<'_>) {
         r.produced.requests, s.rate, r.produced.seconds
     );
 
+    let w = &r.probes.warm_up;
+    println!(
+        "broker warm-up: {} sequential transactions in {:.0} s; p50 of the first 100 {:.1} ms, of the last 100 {:.1} ms",
+        w.transactions,
+        w.seconds,
+        w.first.at(50.0),
+        w.last.at(50.0)
+    );
     println!();
     println!("transactions on an idle pipeline, sequential (1 result + 1 state record + the input offset), ms:");
     println!(

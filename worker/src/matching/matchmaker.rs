@@ -313,10 +313,21 @@ impl Candidates {
     /// `u`'s best K edges, and its floor if it has K (there may be more below).
     pub(crate) fn finish(&mut self, u: usize) -> (&[Edge], Option<Edge>) {
         self.cut(u);
+        self.kept(u)
+    }
+
+    /// What [`Self::finish`] returned for `u` (unchanged until the next push).
+    pub(crate) fn kept(&self, u: usize) -> (&[Edge], Option<Edge>) {
         let base = u * 2 * self.k;
         let list = &self.slots[base..base + self.len[u] as usize];
         let floor = (list.len() == self.k).then(|| self.floor[u]).flatten();
         (list, floor)
+    }
+
+    /// Whether `u`'s finished list holds `e`, an edge of `u`: every edge
+    /// offered to `u` at or above its floor is kept, nothing below it.
+    pub(crate) fn holds(&self, u: usize, e: Edge) -> bool {
+        self.kept(u).1.is_none_or(|f| e >= f)
     }
 }
 

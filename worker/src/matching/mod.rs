@@ -53,6 +53,14 @@
 //! blocks, never an n × n matrix, with refills so that it equals the greedy
 //! matching of the full graph.
 //!
+//! **Prescoring** ([`prescore`]): when the pipeline has one scorer and it is
+//! builtin, the candidate lists are built while a window fills —
+//! [`PartitionEngine::prescore`] scores the requests that arrived since its
+//! last call against their open window (from 256 members on) — so a close
+//! only converts the lists and runs the greedy. Not state: a restore rebuilds
+//! them. The matching is exactly the one scored at the close (property-tested
+//! against it, restarts, ties and held-back requests included).
+//!
 //! **Results.** One `Matched` per pair: `match_id` = 128-bit FNV-1a of
 //! (segment, window start, the two request ids sorted) in hex; users sorted
 //! by (user, request id); `closed_at` = `now`; `scorer` = the scorer

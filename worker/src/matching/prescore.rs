@@ -205,14 +205,19 @@ impl OpenWindow {
         for (p, offset) in participants.iter().enumerate() {
             by_member[*self.members.get(offset)? as usize] = p as u32;
         }
+        let members: Vec<u32> = participants.iter().map(|o| self.members[o]).collect();
+        for &m in &members {
+            self.cands.finish(m as usize);
+        }
         let mut seeds = Seeds::with_capacity(participants.len() * self.cands_k());
-        for (p, offset) in participants.iter().enumerate() {
-            let m = self.members[offset];
-            let (list, floor) = self.cands.finish(m as usize);
-            for e in list {
+        for (p, &m) in members.iter().enumerate() {
+            let (list, floor) = self.cands.kept(m as usize);
+            for &e in list {
                 let other = if e.lo == m { e.hi } else { e.lo };
                 let q = by_member[other as usize];
-                if q != u32::MAX && allowed(p as u32, q) {
+                // An edge in both lists is taken from the lower member's.
+                let twice = other < m && self.cands.holds(other as usize, e);
+                if q != u32::MAX && !twice && allowed(p as u32, q) {
                     seeds.edges.push(Edge::new(e.score, p as u32, q));
                 }
             }
