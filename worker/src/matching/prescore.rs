@@ -30,7 +30,7 @@ use matchfleet_api::matching::MatchRequest;
 use super::hash::FastMap;
 use super::matchmaker::{offer_row, Candidates, Edge, Seeds, BLOCK_ROWS};
 use super::pairing::{builtin_scores, Lanes};
-use super::score::{normalize_row, score_batch, FeatureMatrix};
+use super::score::{normalize_row, score_packed, FeatureMatrix, PackedColumns};
 
 /// Members a window needs before it is prescored: below this a window's
 /// close is a millisecond or two anyway, and its members cost no candidate
@@ -49,6 +49,8 @@ pub struct OpenWindow {
     members: FastMap<i64, u32>,
     /// Unit-length vectors, one row per member.
     vectors: Vec<f32>,
+    /// The same, packed for the GEMM as they arrive.
+    packed: PackedColumns,
     lanes: Lanes,
     users: FastMap<String, u32>,
     genders: FastMap<String, u32>,
@@ -65,6 +67,7 @@ impl OpenWindow {
             dim,
             members: FastMap::default(),
             vectors: Vec::new(),
+            packed: PackedColumns::new(dim),
             lanes: Lanes::default(),
             users: FastMap::default(),
             genders: FastMap::default(),
@@ -105,6 +108,7 @@ impl OpenWindow {
         let at = self.vectors.len();
         self.vectors.extend_from_slice(&req.vector);
         normalize_row(&mut self.vectors[at..]);
+        self.packed.push(&self.vectors[at..]);
         self.members.insert(offset, self.members.len() as u32);
     }
 
@@ -157,17 +161,12 @@ impl OpenWindow {
         let mut hits = vec![0u32; n];
         for r0 in (self.scored..n).step_by(BLOCK_ROWS) {
             let r1 = (r0 + BLOCK_ROWS).min(n);
-            let (Ok(rows), Ok(cols)) = (
-                FeatureMatrix::from_slice(&self.vectors[r0 * d..r1 * d], d),
-                FeatureMatrix::from_slice(&self.vectors[..r1 * d], d),
-            ) else {
+            out.resize((r1 - r0) * r1, 0.0);
+            let scored = FeatureMatrix::from_slice(&self.vectors[r0 * d..r1 * d], d)
+                .and_then(|rows| score_packed(&rows, &self.packed, r1, &mut out));
+            if scored.is_err() {
                 // Vectors are checked on ingest: unreachable; the close
                 // scores the window itself.
-                self.give_up();
-                return;
-            };
-            out.resize((r1 - r0) * r1, 0.0);
-            if score_batch(&rows, &cols, &mut out).is_err() {
                 self.give_up();
                 return;
             }

@@ -222,6 +222,77 @@ pub(crate) fn score_batch_on(
     Ok(())
 }
 
+/// Candidates kept packed as they arrive (the layout of
+/// [`pack_candidates`]), so that scoring a few new rows against a growing set
+/// does not copy and repack the whole set each time.
+#[derive(Debug, Clone)]
+pub(crate) struct PackedColumns {
+    dim: usize,
+    rows: usize,
+    panels: Vec<f32>,
+}
+
+impl PackedColumns {
+    pub(crate) fn new(dim: usize) -> Self {
+        PackedColumns {
+            dim: dim.max(1),
+            rows: 0,
+            panels: Vec::new(),
+        }
+    }
+
+    /// Appends a candidate of `dim` values (the caller checked them finite).
+    pub(crate) fn push(&mut self, row: &[f32]) {
+        let d = self.dim;
+        let (panel, j) = (self.rows / NR, self.rows % NR);
+        if j == 0 {
+            self.panels.resize((panel + 1) * d * NR, 0.0);
+        }
+        let base = panel * d * NR;
+        for (k, &v) in row.iter().take(d).enumerate() {
+            self.panels[base + k * NR + j] = v;
+        }
+        self.rows += 1;
+    }
+}
+
+/// [`score_batch`] against the first `m` of `columns` (`out`: `requests.rows()
+/// × m`). Each score is computed exactly as `score_batch` computes it.
+pub(crate) fn score_packed(
+    requests: &FeatureMatrix,
+    columns: &PackedColumns,
+    m: usize,
+    out: &mut [f32],
+) -> Result<(), ScoreError> {
+    if requests.dim != columns.dim {
+        return Err(ScoreError::DimMismatch {
+            requests: requests.dim,
+            candidates: columns.dim,
+        });
+    }
+    let m = m.min(columns.rows);
+    let expected = requests.rows * m;
+    if out.len() != expected {
+        return Err(ScoreError::OutputLength {
+            got: out.len(),
+            rows: requests.rows,
+            cols: m,
+            expected,
+        });
+    }
+    if requests.rows == 0 || m == 0 {
+        return Ok(());
+    }
+    // Panels past the first `m` columns are left out; the last one kept may
+    // hold later columns, which are computed and not written.
+    let packed = &columns.panels[..m.div_ceil(NR) * columns.dim * NR];
+    match score_path() {
+        ScorePath::Avx2Fma => avx2::run(requests, packed, m, out),
+        ScorePath::Portable => gemm::<false>(requests, packed, m, out),
+    }
+    Ok(())
+}
+
 /// Candidates as panels of `NR` columns: panel `p` holds, for each feature
 /// `k`, the `NR` values `c[p*NR + j][k]` contiguously; missing columns of the
 /// last panel are zero (their scores are computed and discarded).
@@ -399,6 +470,39 @@ mod tests {
                 for &m in &cols {
                     check_shape(n, m, d, (n * 1000 + m * 10 + d) as u64);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_columns_score_bit_for_bit_like_a_batch() {
+        let d = 32;
+        let c = FeatureMatrix::from_vec(values(53 * d, 11), d).unwrap();
+        let r = FeatureMatrix::from_vec(values(7 * d, 12), d).unwrap();
+        let mut packed = PackedColumns::new(d);
+        for j in 0..c.rows() {
+            packed.push(c.row(j));
+        }
+        for m in [0, 1, NR - 1, NR, NR + 1, 40, 53] {
+            let first = FeatureMatrix::from_slice(&c.as_slice()[..m * d], d).unwrap();
+            let mut want = vec![f32::NAN; r.rows() * m];
+            score_batch(&r, &first, &mut want).unwrap();
+            let mut got = vec![f32::NAN; r.rows() * m];
+            score_packed(&r, &packed, m, &mut got).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "first {m} columns");
+        }
+        // Transposed: the same pair scores the same either way round.
+        let mut ab = vec![0.0; r.rows() * c.rows()];
+        score_batch(&r, &c, &mut ab).unwrap();
+        let mut ba = vec![0.0; c.rows() * r.rows()];
+        score_batch(&c, &r, &mut ba).unwrap();
+        for i in 0..r.rows() {
+            for j in 0..c.rows() {
+                assert_eq!(
+                    ab[i * c.rows() + j].to_bits(),
+                    ba[j * r.rows() + i].to_bits()
+                );
             }
         }
     }
