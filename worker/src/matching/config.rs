@@ -209,20 +209,6 @@ impl EngineConfig {
         self.feedback.as_ref()
     }
 
-    /// The scorer of every window when the pipeline has exactly one and it
-    /// is builtin: then windows are scored while they fill
-    /// ([`crate::matching::prescore`]); a bandit's choice or an HTTP answer
-    /// is only known at the close.
-    pub(crate) fn sole_builtin_scorer(&self) -> Option<BuiltinScorer> {
-        match self.scorers.as_slice() {
-            [Scorer {
-                kind: ScorerKind::Builtin(b),
-                ..
-            }] => Some(*b),
-            _ => None,
-        }
-    }
-
     /// The scorer a window falls back to when its HTTP scores are missing:
     /// the first builtin one, else cosine under that name.
     pub(crate) fn fallback_scorer(&self) -> (String, BuiltinScorer) {

@@ -116,18 +116,26 @@ struct Segment {
     windows: BTreeMap<i64, BTreeMap<i64, String>>,
     /// Windows whose pending requests changed since the last `take_changes`.
     changed_windows: BTreeSet<i64>,
-    /// Open windows scored as they fill, when the pipeline's scorer allows
-    /// it (not state: rebuilt from the members on restore).
+    /// Open windows whose scorer is builtin, scored as they fill (not
+    /// state: rebuilt from the members on restore).
     prescored: BTreeMap<i64, OpenWindow>,
 }
 
 impl Segment {
-    /// Enters a pending request into window `start`'s prescoring.
-    fn enlist(&mut self, config: &EngineConfig, start: i64, offset: i64, req: &MatchRequest) {
-        if config.sole_builtin_scorer().is_some() {
+    /// Enters a pending request into window `start`'s prescoring, when the
+    /// window's scorer is builtin.
+    fn enlist(
+        &mut self,
+        config: &EngineConfig,
+        scorer: Option<BuiltinScorer>,
+        start: i64,
+        offset: i64,
+        req: &MatchRequest,
+    ) {
+        if let Some(b) = scorer {
             self.prescored
                 .entry(start)
-                .or_insert_with(|| OpenWindow::new(config.dimension, config.top_k))
+                .or_insert_with(|| OpenWindow::new(b, config.dimension, config.top_k))
                 .add(offset, req);
         }
     }
@@ -205,12 +213,13 @@ impl Restoring {
                 )));
             }
             let id = request.request_id.clone();
+            let scorer = engine.window_builtin_scorer(&segment, q.window);
             let seg = engine.segments.entry(segment).or_default();
             seg.windows
                 .entry(q.window)
                 .or_default()
                 .insert(offset, id.clone());
-            seg.enlist(&engine.config, q.window, offset, &request);
+            seg.enlist(&engine.config, scorer, q.window, offset, &request);
             engine.requests.insert(
                 id,
                 Pending {
@@ -395,6 +404,7 @@ impl PartitionEngine {
             _ => own,
         };
         let id = req.request_id.clone();
+        let scorer = self.window_builtin_scorer(&req.segment, window);
         // A new segment needs no record yet: restore derives its windows
         // from the queue, and an empty record is the default.
         let segment = match self.segments.get_mut(&req.segment) {
@@ -407,7 +417,7 @@ impl PartitionEngine {
             .or_default()
             .insert(offset, id.clone());
         segment.changed_windows.insert(window);
-        segment.enlist(cfg, window, offset, &req);
+        segment.enlist(&self.config, scorer, window, offset, &req);
         self.requests.insert(
             id,
             Pending {
@@ -679,14 +689,11 @@ impl PartitionEngine {
     /// close would otherwise do, done while it fills. A no-op for pipelines
     /// whose windows get their scorer only at the close.
     pub fn prescore(&mut self) {
-        let Some(scorer) = self.config.sole_builtin_scorer() else {
-            return;
-        };
         let min = min_score_f32(self.config.min_score);
         let from = self.config.prescore_from;
         for seg in self.segments.values_mut() {
             for window in seg.prescored.values_mut() {
-                window.score_new(scorer, min, from);
+                window.score_new(min, from);
             }
         }
     }
@@ -789,14 +796,29 @@ impl PartitionEngine {
         })
     }
 
+    /// The builtin scorer of window `start` (chosen now if it has none yet);
+    /// None when it is an HTTP scorer.
+    fn window_builtin_scorer(&mut self, segment: &str, start: i64) -> Option<BuiltinScorer> {
+        let i = self.choose_scorer(segment, start);
+        match self.config.scorers[i].kind {
+            ScorerKind::Builtin(b) => Some(b),
+            ScorerKind::Http { .. } => None,
+        }
+    }
+
     /// The scorer for a window: the one already chosen for it, else a fresh
-    /// Thompson draw, remembered until the window closes.
+    /// Thompson draw, remembered until the window closes. Called when the
+    /// window opens (its first request, or leftovers carried into it), so
+    /// that a builtin scorer's window can be scored while it fills.
     fn choose_scorer(&mut self, segment: &str, start: i64) -> usize {
         let scorers = &self.config.scorers;
         if scorers.len() == 1 {
             return 0;
         }
-        let seg = self.segments.entry(segment.to_string()).or_default();
+        let seg = match self.segments.get_mut(segment) {
+            Some(s) => s,
+            None => self.segments.entry(segment.to_string()).or_default(),
+        };
         if let Some(i) = seg
             .record
             .chosen
@@ -901,11 +923,15 @@ impl PartitionEngine {
             }
         }
 
+        let next_scorer = match carried.is_empty() {
+            true => None,
+            false => self.window_builtin_scorer(segment, end),
+        };
         let seg = self.segments.entry(segment.to_string()).or_default();
         seg.windows.remove(&start);
         for (offset, id) in &carried {
             if let Some(p) = self.requests.get(id) {
-                seg.enlist(&self.config, end, *offset, &p.request);
+                seg.enlist(&self.config, next_scorer, end, *offset, &p.request);
             }
         }
         if !carried.is_empty() {
@@ -978,7 +1004,11 @@ impl PartitionEngine {
             top_k: self.config.top_k,
         };
         // Prescored lists are only for the scorer they were scored with.
-        let prescored = prescored.zip(self.config.sole_builtin_scorer());
+        let used = match &spec.kind {
+            ScorerKind::Builtin(b) => Some(*b),
+            ScorerKind::Http { .. } => None,
+        };
+        let prescored = prescored.zip(used);
         let mut seeded = false;
         let seeds = || {
             let (mut window, b) = prescored?;

@@ -1189,14 +1189,14 @@ proptest! {
         exact_below in prop::sample::select(vec![0, 3]),
         top_k in 1usize..4,
         from in 0usize..4,
-        complement in any::<bool>(),
+        single in any::<bool>(),
     ) {
+        // One builtin scorer, or the bandit over two builtin ones and an
+        // HTTP one (its windows are scored at the close).
         let mut s = prop_settings(exact_below);
-        s.scorers = vec![if complement {
-            builtin("opposites", BuiltinScorer::Complement)
-        } else {
-            builtin("cosine", BuiltinScorer::Cosine)
-        }];
+        if single {
+            s.scorers = vec![builtin("cosine", BuiltinScorer::Cosine)];
+        }
         let config = EngineConfig::from_settings(&s).unwrap().with_top_k(top_k);
         let mut at_close = PartitionEngine::new(3, config.clone().with_prescore_from(usize::MAX));
         let mut prescored = PartitionEngine::new(3, config.with_prescore_from(from));

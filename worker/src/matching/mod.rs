@@ -53,8 +53,8 @@
 //! blocks, never an n × n matrix, with refills so that it equals the greedy
 //! matching of the full graph.
 //!
-//! **Prescoring** ([`prescore`]): when the pipeline has one scorer and it is
-//! builtin, the candidate lists are built while a window fills —
+//! **Prescoring** ([`prescore`]): when a window's scorer is builtin, the
+//! candidate lists are built while the window fills —
 //! [`PartitionEngine::prescore`] scores the requests that arrived since its
 //! last call against their open window (from 256 members on) — so a close
 //! only converts the lists and runs the greedy. Not state: a restore rebuilds
@@ -81,8 +81,9 @@
 //! **Bandit** ([`bandit`]): per segment, Thompson sampling over the
 //! configured scorers with Beta(1 + successes, 1 + failures) posteriors; the
 //! draw for a window uses a PCG64 seeded from (partition, segment, window
-//! start), so a replay picks the same arm. The choice is made once per window
-//! (by `due` or `close`, whichever comes first) and kept until it closes.
+//! start), so a replay picks the same arm. The choice is made when the window
+//! opens (its first request, or leftovers carried into it), so that a builtin
+//! scorer's window can be prescored, and kept until it closes.
 //! [`PartitionEngine::record_reward`] feeds it (the feedback join, below).
 //!
 //! **HTTP scorers, two phases.** [`PartitionEngine::due`] lists the windows

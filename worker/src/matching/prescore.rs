@@ -44,6 +44,8 @@ const MAX_GENDERS: usize = 32;
 /// One open window's members and their candidate lists so far.
 #[derive(Debug, Clone)]
 pub struct OpenWindow {
+    /// The window's scorer, chosen when it opened.
+    scorer: BuiltinScorer,
     dim: usize,
     /// Member index by request offset.
     members: FastMap<i64, u32>,
@@ -62,8 +64,9 @@ pub struct OpenWindow {
 }
 
 impl OpenWindow {
-    pub fn new(dim: usize, top_k: usize) -> Self {
+    pub fn new(scorer: BuiltinScorer, dim: usize, top_k: usize) -> Self {
         OpenWindow {
+            scorer,
             dim,
             members: FastMap::default(),
             vectors: Vec::new(),
@@ -139,7 +142,7 @@ impl OpenWindow {
     fn give_up(&mut self) {
         *self = OpenWindow {
             gave_up: true,
-            ..OpenWindow::new(self.dim, self.cands_k())
+            ..OpenWindow::new(self.scorer, self.dim, self.cands_k())
         };
     }
 
@@ -149,7 +152,7 @@ impl OpenWindow {
 
     /// Scores the members not scored yet against all before them, once the
     /// window has at least `from` members.
-    pub fn score_new(&mut self, scorer: BuiltinScorer, min: f32, from: usize) {
+    pub fn score_new(&mut self, min: f32, from: usize) {
         let n = self.len();
         if self.gave_up || self.scored == n || n < from {
             return;
@@ -170,7 +173,7 @@ impl OpenWindow {
                 self.give_up();
                 return;
             }
-            builtin_scores(scorer, &mut out);
+            builtin_scores(self.scorer, &mut out);
             for (a, row) in out.chunks_exact(r1).enumerate() {
                 // Against the members before it: each pair once.
                 let i = r0 + a;
@@ -187,8 +190,9 @@ impl OpenWindow {
     /// The greedy's seeds for the participants (their offsets, in the
     /// close's index order), after scoring whatever is left; `allowed(p, q)`
     /// is the close's own check of a pair of participant indices. None when
-    /// the window was never prescored or a participant is not a member: the
-    /// close then scores the window itself.
+    /// the window was never prescored, is scored by another scorer than
+    /// `scorer`, or a participant is not a member: the close then scores the
+    /// window itself.
     pub(crate) fn seeds(
         &mut self,
         scorer: BuiltinScorer,
@@ -196,10 +200,10 @@ impl OpenWindow {
         participants: &[i64],
         allowed: impl Fn(u32, u32) -> bool,
     ) -> Option<Seeds> {
-        if self.gave_up || self.scored == 0 {
+        if self.gave_up || self.scored == 0 || scorer != self.scorer {
             return None;
         }
-        self.score_new(scorer, min, 0);
+        self.score_new(min, 0);
         let mut by_member = vec![u32::MAX; self.len()];
         for (p, offset) in participants.iter().enumerate() {
             by_member[*self.members.get(offset)? as usize] = p as u32;
@@ -257,12 +261,12 @@ mod tests {
         min: f64,
         scorer: BuiltinScorer,
     ) -> Option<Vec<Pair>> {
-        let mut w = OpenWindow::new(2, k);
+        let mut w = OpenWindow::new(scorer, 2, k);
         for chunk in arrivals.chunks(batch.max(1)) {
             for (offset, r) in chunk {
                 w.add(*offset, r);
             }
-            w.score_new(scorer, min_score_f32(min), 0);
+            w.score_new(min_score_f32(min), 0);
         }
         let by_offset: FastMap<i64, &MatchRequest> =
             arrivals.iter().map(|(o, r)| (*o, r)).collect();
@@ -300,16 +304,16 @@ mod tests {
 
     #[test]
     fn a_window_never_prescored_or_with_too_many_genders_is_left_to_the_close() {
-        let mut w = OpenWindow::new(2, 4);
+        let mut w = OpenWindow::new(BuiltinScorer::Cosine, 2, 4);
         w.add(0, &anyone(0, 0, [1.0, 0.0]));
         w.add(1, &anyone(1, 1, [1.0, 0.0]));
         let min = min_score_f32(-1.0);
-        w.score_new(BuiltinScorer::Cosine, min, 3);
+        w.score_new(min, 3);
         assert_eq!(w.scored(), 0, "below `from`: not scored yet");
         assert!(w
             .seeds(BuiltinScorer::Cosine, min, &[0, 1], |_, _| true)
             .is_none());
-        w.score_new(BuiltinScorer::Cosine, min, 2);
+        w.score_new(min, 2);
         assert_eq!(w.scored(), 2);
         assert!(w
             .seeds(BuiltinScorer::Cosine, min, &[0, 1], |_, _| true)
@@ -319,14 +323,19 @@ mod tests {
                 .is_none(),
             "a participant that is not a member"
         );
+        assert!(
+            w.seeds(BuiltinScorer::Complement, min, &[0, 1], |_, _| true)
+                .is_none(),
+            "scored by another scorer"
+        );
 
-        let mut many = OpenWindow::new(2, 4);
+        let mut many = OpenWindow::new(BuiltinScorer::Cosine, 2, 4);
         for g in 0..MAX_GENDERS + 1 {
             let mut r = anyone(g, g, [1.0, 0.0]);
             r.profile.gender = format!("g{g}");
             many.add(g as i64, &r);
         }
-        many.score_new(BuiltinScorer::Cosine, min, 0);
+        many.score_new(min, 0);
         assert!(many.is_empty() && many.scored() == 0);
         assert!(many
             .seeds(BuiltinScorer::Cosine, min, &[0], |_, _| true)
