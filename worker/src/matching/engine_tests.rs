@@ -555,6 +555,40 @@ fn http_scores_are_used_when_they_fit_the_window() {
 }
 
 #[test]
+fn a_window_s_scorer_is_drawn_when_the_window_opens() {
+    let mut s = settings();
+    s.scorers = vec![
+        builtin("cosine", BuiltinScorer::Cosine),
+        builtin("opposites", BuiltinScorer::Complement),
+    ];
+    let mut e = PartitionEngine::new(0, EngineConfig::from_settings(&s).unwrap());
+    ingest(&mut e, req("r1", "ann", 100, "f", [1.0, 0.0]), 0);
+    // The draw is in the first delta, with the window's first request.
+    let changes = e.take_changes();
+    let record = changes
+        .iter()
+        .find(|(k, _)| k == "s/s")
+        .and_then(|(_, v)| v.clone())
+        .expect("the segment record carries the choice");
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    let drawn = record["chosen"]["0"].as_str().unwrap().to_string();
+    // Evidence for the other arm after the opening does not change it.
+    let other = if drawn == "cosine" {
+        "opposites"
+    } else {
+        "cosine"
+    };
+    for _ in 0..100 {
+        assert!(e.record_reward("s", other, 1.0));
+        assert!(e.record_reward("s", &drawn, 0.0));
+    }
+    ingest(&mut e, req("r2", "bob", 900, "m", [1.0, 0.0]), 0);
+    let due = e.due(10_000);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].scorer, drawn);
+}
+
+#[test]
 fn the_bandit_prefers_the_rewarded_scorer_and_chooses_deterministically() {
     let mut s = settings();
     s.scorers = vec![
