@@ -249,7 +249,7 @@ pub(crate) struct Candidates {
     /// the top K any more.
     floor: Vec<Option<Edge>>,
     /// The floor's score, or −∞: the one-compare reject of the hot loop.
-    pub(crate) threshold: Vec<f32>,
+    threshold: Vec<f32>,
 }
 
 impl Candidates {
@@ -268,6 +268,14 @@ impl Candidates {
     /// Edges kept per request.
     pub(crate) fn k(&self) -> usize {
         self.k
+    }
+
+    /// Forgets every list (keeping the buffers).
+    pub(crate) fn clear(&mut self) {
+        self.slots.clear();
+        self.len.clear();
+        self.floor.clear();
+        self.threshold.clear();
     }
 
     /// Adds empty lists up to `n` requests.

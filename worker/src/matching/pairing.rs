@@ -164,6 +164,16 @@ impl Lanes {
         Some(lanes)
     }
 
+    /// Forgets every request (keeping the buffers).
+    pub(crate) fn clear(&mut self) {
+        self.gender_bit.clear();
+        self.wants.clear();
+        self.age.clear();
+        self.min_age.clear();
+        self.age_span.clear();
+        self.user.clear();
+    }
+
     /// Appends a request: its user and gender ids (gender < 32), the bit set
     /// of the gender ids it accepts, its age and the ages it accepts.
     pub(crate) fn push(&mut self, user: u32, gender: u32, wants: u32, age: u8, ages: (u8, u8)) {

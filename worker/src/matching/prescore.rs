@@ -80,6 +80,20 @@ impl OpenWindow {
         }
     }
 
+    /// Empties the window for reuse (keeping its buffers) with `scorer`.
+    pub fn reset(&mut self, scorer: BuiltinScorer) {
+        self.scorer = scorer;
+        self.members.clear();
+        self.vectors.clear();
+        self.packed.clear();
+        self.lanes.clear();
+        self.users.clear();
+        self.genders.clear();
+        self.cands.clear();
+        self.scored = 0;
+        self.gave_up = false;
+    }
+
     pub fn len(&self) -> usize {
         self.members.len()
     }

@@ -241,6 +241,12 @@ impl PackedColumns {
         }
     }
 
+    /// Forgets every candidate (keeping the buffer).
+    pub(crate) fn clear(&mut self) {
+        self.rows = 0;
+        self.panels.clear();
+    }
+
     /// Appends a candidate of `dim` values (the caller checked them finite).
     pub(crate) fn push(&mut self, row: &[f32]) {
         let d = self.dim;
