@@ -61,6 +61,16 @@ pub struct OpenWindow {
     scored: usize,
     /// Too many genders for the lanes: left to the close.
     gave_up: bool,
+    /// Buffers of `score_new`, kept between calls (and with the window's
+    /// reuse): allocating and zeroing them per call showed in profiles.
+    scratch: Scratch,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    marks: Vec<u8>,
+    hits: Vec<u32>,
 }
 
 impl OpenWindow {
@@ -77,6 +87,7 @@ impl OpenWindow {
             cands: Candidates::new(0, top_k.max(1)),
             scored: 0,
             gave_up: false,
+            scratch: Scratch::default(),
         }
     }
 
@@ -173,9 +184,15 @@ impl OpenWindow {
         }
         self.cands.grow_to(n);
         let d = self.dim;
-        let mut out = Vec::new();
-        let mut marks = vec![0u8; n];
-        let mut hits = vec![0u32; n];
+        let Scratch {
+            scores: mut out,
+            mut marks,
+            mut hits,
+        } = std::mem::take(&mut self.scratch);
+        // Every mark is written by the prefilter before it is read, every
+        // hit by the scan before it is used.
+        marks.resize(n, 0);
+        hits.resize(n, 0);
         for r0 in (self.scored..n).step_by(BLOCK_ROWS) {
             let r1 = (r0 + BLOCK_ROWS).min(n);
             out.resize((r1 - r0) * r1, 0.0);
@@ -199,6 +216,11 @@ impl OpenWindow {
             }
         }
         self.scored = n;
+        self.scratch = Scratch {
+            scores: out,
+            marks,
+            hits,
+        };
     }
 
     /// The greedy's seeds for the participants (their offsets, in the
