@@ -62,14 +62,7 @@ pub struct MatchParams {
 /// Matches a window: exactly when it has at most `exact_below` requests,
 /// greedily otherwise.
 pub fn match_window(src: &impl PairSource, p: &MatchParams) -> Vec<Pair> {
-    let n = src.len();
-    if n < 2 {
-        Vec::new()
-    } else if n <= p.exact_below.min(MAX_EXACT_BELOW) {
-        exact(src, p.min_score)
-    } else {
-        greedy(src, p.min_score, p.top_k)
-    }
+    match_window_seeded(src, p, || None)
 }
 
 /// A pair's weight, if it may be matched at this score.
@@ -577,8 +570,11 @@ pub(crate) fn match_window_seeded(
     seeds: impl FnOnce() -> Option<Seeds>,
 ) -> Vec<Pair> {
     let n = src.len();
-    if n < 2 || n <= p.exact_below.min(MAX_EXACT_BELOW) {
-        return match_window(src, p);
+    if n < 2 {
+        return Vec::new();
+    }
+    if n <= p.exact_below.min(MAX_EXACT_BELOW) {
+        return exact(src, p.min_score);
     }
     match seeds() {
         Some(s) => greedy_seeded(src, p.min_score, p.top_k, s),

@@ -167,12 +167,8 @@ impl OpenWindow {
     fn give_up(&mut self) {
         *self = OpenWindow {
             gave_up: true,
-            ..OpenWindow::new(self.scorer, self.dim, self.cands_k())
+            ..OpenWindow::new(self.scorer, self.dim, self.cands.k())
         };
-    }
-
-    fn cands_k(&self) -> usize {
-        self.cands.k()
     }
 
     /// Scores the members not scored yet against all before them, once the
@@ -240,15 +236,16 @@ impl OpenWindow {
             return None;
         }
         self.score_new(min, 0);
+        let members: Vec<u32> = participants
+            .iter()
+            .map(|o| self.members.get(o).copied())
+            .collect::<Option<_>>()?;
         let mut by_member = vec![u32::MAX; self.len()];
-        for (p, offset) in participants.iter().enumerate() {
-            by_member[*self.members.get(offset)? as usize] = p as u32;
-        }
-        let members: Vec<u32> = participants.iter().map(|o| self.members[o]).collect();
-        for &m in &members {
+        for (p, &m) in members.iter().enumerate() {
+            by_member[m as usize] = p as u32;
             self.cands.finish(m as usize);
         }
-        let mut seeds = Seeds::with_capacity(participants.len() * self.cands_k());
+        let mut seeds = Seeds::with_capacity(participants.len() * self.cands.k());
         for (p, &m) in members.iter().enumerate() {
             let (list, floor) = self.cands.kept(m as usize);
             for &e in list {
