@@ -159,7 +159,9 @@ const ARRIVAL_BATCH: usize = 64;
 /// [`loaded_engine`], with `prescore()` after every `batch` requests
 /// (as the worker does after each read); the time those calls took.
 fn loaded(reqs: &[MatchRequest], batch: Option<usize>) -> (PartitionEngine, Duration) {
-    let config = EngineConfig::from_settings(&settings()).expect("valid settings");
+    let config = EngineConfig::from_settings(&settings())
+        .expect("valid settings")
+        .with_top_k(top_k());
     let mut e = PartitionEngine::new(0, config);
     let mut prescoring = Duration::ZERO;
     for (offset, r) in reqs.iter().enumerate() {
@@ -274,6 +276,14 @@ fn machine() {
     println!("  scorer    score_batch uses {}; one thread", score_path());
 }
 
+/// Candidates kept per request: the engine's default, or `BENCH_TOP_K`.
+fn top_k() -> usize {
+    std::env::var("BENCH_TOP_K")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(matchfleet_worker::matching::config::DEFAULT_TOP_K)
+}
+
 fn main() {
     machine();
     let s = settings();
@@ -282,7 +292,7 @@ fn main() {
         "workload: one segment, one window of n requests from distinct users, d = {DIM}, cosine, \
          minScore {} (every acceptable pair may match), top-K {}",
         s.matching.min_score,
-        matchfleet_worker::matching::config::DEFAULT_TOP_K
+        top_k()
     );
     println!(
         "  genders f/m/x 47/47/6 %, 85 % want the other binary gender, 10 % anyone, 5 % their own \

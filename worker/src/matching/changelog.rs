@@ -111,11 +111,6 @@ pub struct MetaRecord {
     /// The event-time clock of the outcome events (feedback join).
     #[serde(default)]
     pub outcome_clock: EventClock,
-    /// Where the partition's windows begin within each window length. Kept
-    /// so that a new owner keeps the windows its state was written with;
-    /// absent (0) in state written before windows were staggered.
-    #[serde(default)]
-    pub window_phase: i64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -112,6 +112,10 @@ struct Pending {
 #[derive(Debug, Clone, Default)]
 struct Segment {
     record: SegmentRecord,
+    /// Where its windows begin within each window length, fixed when its
+    /// first window opens ([`window_phase`]) and derived from its state on
+    /// restore (any window start or `closed_until` is on the grid).
+    phase: Option<i64>,
     /// Pending request ids by window start, then offset.
     windows: BTreeMap<i64, BTreeMap<i64, String>>,
     /// Windows whose pending requests changed since the last `take_changes`.
@@ -264,9 +268,9 @@ struct WindowMembers<'a> {
 pub struct PartitionEngine {
     partition: i32,
     config: EngineConfig,
-    /// Where this partition's windows begin within each window length
-    /// ([`window_phase`]).
-    window_phase: i64,
+    /// Segments whose window grid is fixed (a phase): the next one to open
+    /// a window gets the next phase of the partition's sequence.
+    grids: u64,
     clock: EventClock,
     counters: Counters,
     segments: BTreeMap<String, Segment>,
@@ -290,7 +294,7 @@ impl PartitionEngine {
     pub fn new(partition: i32, config: EngineConfig) -> Self {
         PartitionEngine {
             partition,
-            window_phase: window_phase(partition, config.window_millis),
+            grids: 0,
             config,
             clock: EventClock::default(),
             counters: Counters::default(),
@@ -332,9 +336,6 @@ impl PartitionEngine {
                     e.clock = m.clock;
                     e.counters = m.counters;
                     e.outcome_clock = m.outcome_clock;
-                    // Its own phase, not this partition's current one: the
-                    // pending windows and `closed_until` are on its grid.
-                    e.window_phase = m.window_phase.rem_euclid(e.config.window_millis.max(1));
                     e.last_meta = Some(value);
                 }
                 Record::Segment(name, record) => {
@@ -367,7 +368,41 @@ impl PartitionEngine {
                 }
             }
         }
+        e.restore_grids(
+            queued
+                .values()
+                .map(|(segment, q)| (segment.as_str(), q.window)),
+        );
         Ok(Restoring { engine: e, queued })
+    }
+
+    /// Gives each restored segment the grid its state was written on: its
+    /// `closed_until`, or else a pending window's start (all of a segment's
+    /// windows are on one grid). Segments with neither get theirs when their
+    /// first window opens.
+    fn restore_grids<'a>(&mut self, pending: impl Iterator<Item = (&'a str, i64)>) {
+        let w = self.config.window_millis.max(1);
+        for (name, start) in pending {
+            let seg = self.segments.entry(name.to_string()).or_default();
+            seg.phase.get_or_insert(start.rem_euclid(w));
+        }
+        for seg in self.segments.values_mut() {
+            if let Some(c) = seg.record.closed_until {
+                seg.phase = Some(c.rem_euclid(w));
+            }
+        }
+        self.grids = self.segments.values().filter(|s| s.phase.is_some()).count() as u64;
+    }
+
+    /// `segment`'s phase, fixing it (the partition's next) on first use.
+    fn segment_phase(&mut self, segment: &str) -> i64 {
+        if let Some(phase) = self.segments.get(segment).and_then(|s| s.phase) {
+            return phase;
+        }
+        let phase = window_phase(self.partition, self.grids, self.config.window_millis);
+        self.grids += 1;
+        self.segments.entry(segment.to_string()).or_default().phase = Some(phase);
+        phase
     }
 
     pub fn partition(&self) -> i32 {
@@ -397,7 +432,9 @@ impl PartitionEngine {
             .observe(req.event_time, now, cfg.out_of_order_millis);
         self.counters.requests += 1;
 
-        let own = window_start(req.event_time, cfg.window_millis, self.window_phase);
+        let phase = self.segment_phase(&req.segment);
+        let cfg = &self.config;
+        let own = window_start(req.event_time, cfg.window_millis, phase);
         let closed_until = self
             .segments
             .get(&req.segment)
@@ -685,7 +722,6 @@ impl PartitionEngine {
             clock: self.clock.clone(),
             counters: self.counters.clone(),
             outcome_clock: self.outcome_clock.clone(),
-            window_phase: self.window_phase,
         });
         if self.last_meta.as_ref() != Some(&meta) {
             self.last_meta = Some(meta.clone());

@@ -58,9 +58,10 @@ fn settings() -> MatchSettings {
     }
 }
 
-/// Partition p's windows start `window_phase(p, w)` after each multiple of
-/// `w`; the tests below use partition 0 (phase 0) unless they are about the
-/// phase, so their window bounds read as round numbers.
+/// The k-th segment of partition p to open a window has its windows start
+/// `window_phase(p, k, w)` after each multiple of `w`; the tests below use
+/// partition 0 and one segment (phase 0) unless they are about the phase,
+/// so their window bounds read as round numbers.
 const PARTITION: i32 = 0;
 
 fn engine(s: &MatchSettings) -> PartitionEngine {
@@ -160,7 +161,7 @@ fn matched_ids(results: &[MatchResult]) -> Vec<(String, String)> {
 fn a_partition_s_windows_start_at_its_phase() {
     let s = settings();
     let partition = 1;
-    let phase = super::window::window_phase(partition, 1000);
+    let phase = super::window::window_phase(partition, 0, 1000);
     assert!(phase > 0, "partition 1 is staggered");
     let mut e = PartitionEngine::new(partition, EngineConfig::from_settings(&s).unwrap());
     // Both before and after the multiple of 1000 that aligned windows would
@@ -189,11 +190,41 @@ fn a_partition_s_windows_start_at_its_phase() {
 }
 
 #[test]
+fn a_partition_s_segments_close_at_staggered_phases() {
+    let mut e = engine(&settings());
+    let second = super::window::window_phase(PARTITION, 1, 1000);
+    assert!((200..800).contains(&second), "{second}");
+    // "s" opens the partition's first grid (phase 0), "t" its second.
+    ingest_at(&mut e, req("s1", "bob", 10, "m", [1.0, 0.0]));
+    ingest_at(&mut e, req("s2", "ann", 20, "f", [1.0, 0.0]));
+    let t = |id: &str, user: &str, at: i64, gender: &str| MatchRequest {
+        segment: "t".into(),
+        ..req(id, user, at, gender, [1.0, 0.0])
+    };
+    ingest_at(&mut e, t("t1", "cal", second + 10, "m"));
+    ingest_at(&mut e, t("t2", "dee", second + 20, "f"));
+    // Watermark 1000: "s"'s [0, 1000) is due, "t"'s window is not.
+    ingest(&mut e, req("s3", "eve", 1200, "f", [1.0, 0.0]), 0);
+    let results = e.close(0, &none());
+    assert_eq!(matched_ids(&results), vec![("s2".into(), "s1".into())]);
+    // Watermark second + 1000: now "t"'s, [second, second + 1000).
+    ingest(&mut e, t("t3", "fay", second + 1200, "f"), 0);
+    let results = e.close(0, &none());
+    let ids = matched_ids(&results);
+    assert!(ids == [("t1".into(), "t2".into())] || ids == [("t2".into(), "t1".into())]);
+    let [MatchResult::Matched { window_start, .. }] = results.as_slice() else {
+        panic!("{results:?}");
+    };
+    assert_eq!(*window_start, second);
+}
+
+#[test]
 fn state_written_before_staggering_keeps_its_aligned_windows() {
     let s = settings();
     let config = EngineConfig::from_settings(&s).unwrap();
     // Partition 1's state as a worker without staggering wrote it: phase-0
-    // windows and a meta record without `windowPhase`.
+    // windows (and a meta record with a `windowPhase` of 0, as one worker
+    // version wrote: ignored, the grid is read off the windows).
     let mut old = PartitionEngine::new(0, config.clone());
     ingest_at(&mut old, req("r1", "bob", 10, "m", [1.0, 0.0]));
     let log: Vec<_> = old
@@ -203,11 +234,7 @@ fn state_written_before_staggering_keeps_its_aligned_windows() {
             let value = value.map(|v| {
                 let mut json: serde_json::Value = serde_json::from_slice(&v).unwrap();
                 if key == "m" {
-                    assert!(json
-                        .as_object_mut()
-                        .unwrap()
-                        .remove("windowPhase")
-                        .is_some());
+                    json["windowPhase"] = 0.into();
                 }
                 serde_json::to_vec(&json).unwrap()
             });
@@ -215,7 +242,7 @@ fn state_written_before_staggering_keeps_its_aligned_windows() {
         })
         .collect();
     let partition = 1;
-    let phase = super::window::window_phase(partition, 1000);
+    let phase = super::window::window_phase(partition, 0, 1000);
     assert!((11..990).contains(&phase), "10 and 990 straddle it");
 
     let mut e = restore(partition, config, log).unwrap();
@@ -229,23 +256,13 @@ fn state_written_before_staggering_keeps_its_aligned_windows() {
         panic!("{results:?}");
     };
     assert_eq!(*window_start, 0);
-    // From now on the phase is written down.
-    let meta = e
-        .take_changes()
-        .into_iter()
-        .find(|(k, _)| k == "m")
-        .unwrap()
-        .1
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&meta).unwrap();
-    assert_eq!(json["windowPhase"], 0);
 }
 
 #[test]
 fn a_restored_partition_keeps_the_phase_its_state_was_written_with() {
     let config = EngineConfig::from_settings(&settings()).unwrap();
     let mut e = PartitionEngine::new(1, config.clone());
-    let phase = super::window::window_phase(1, 1000);
+    let phase = super::window::window_phase(1, 0, 1000);
     ingest_at(&mut e, req("r1", "bob", phase + 10, "m", [1.0, 0.0]));
     // Restored as another partition (its phase differs): the windows stay.
     let mut e = restore(2, config, e.take_changes()).unwrap();
@@ -256,6 +273,38 @@ fn a_restored_partition_keeps_the_phase_its_state_was_written_with() {
         panic!("{results:?}");
     };
     assert_eq!(*window_start, phase);
+}
+
+#[test]
+fn a_segment_with_nothing_pending_keeps_the_grid_of_its_last_close() {
+    let config = EngineConfig::from_settings(&settings()).unwrap();
+    let mut e = PartitionEngine::new(PARTITION, config.clone());
+    ingest_at(&mut e, req("r1", "bob", 10, "m", [1.0, 0.0]));
+    ingest_at(&mut e, req("r2", "ann", 20, "f", [1.0, 0.0]));
+    ingest(&mut e, req("r3", "cat", 1200, "f", [1.0, 0.0]), 0);
+    assert_eq!(e.close(0, &none()).len(), 1);
+    let mut log = e.take_changes();
+    // r3 settles too (expired, alone), so "s" has only `closedUntil` left.
+    assert!(e.close(100_000, &none()).len() == 1);
+    log.extend(e.take_changes());
+    // Restored on partition 1, whose first grid is not phase 0.
+    let phase = super::window::window_phase(1, 0, 1000);
+    let mut e = restore(1, config, log).unwrap();
+    assert!((11..990).contains(&phase), "10 and 990 straddle it");
+    ingest_at(&mut e, req("r4", "dan", 200_010, "m", [1.0, 0.0]));
+    ingest_at(&mut e, req("r5", "eve", 200_990, "f", [1.0, 0.0]));
+    ingest(&mut e, req("r6", "fay", 205_000, "f", [1.0, 0.0]), 0);
+    let results = e.close(0, &none());
+    let matched: Vec<_> = results
+        .iter()
+        .filter_map(|r| match r {
+            MatchResult::Matched { window_start, .. } => Some(*window_start),
+            _ => None,
+        })
+        .collect();
+    // r4 and r5 share the phase-0 window [200_000, 201_000), which on
+    // partition 1's own grid they would straddle.
+    assert_eq!(matched, vec![200_000], "{results:?}");
 }
 
 #[test]

@@ -8,13 +8,15 @@
 //! **Windows and watermark.** Event-time tumbling windows per segment: a
 //! request with event time `t` belongs to the window starting at
 //! `floor((t − φ) / w) · w + φ` (`w = window.sizeMillis`), where the phase
-//! `φ` ∈ [0, w) is fixed per partition (`window::window_phase`: the
-//! golden-ratio sequence, partition 0 at 0), so the partitions of a worker
-//! close their windows spread over the window length rather than all at one
-//! watermark (a burst of closes and commits once per window, the last of
-//! them waiting for all the others). The phase is persisted with the
-//! partition's state and a restore keeps it (state from before staggering:
-//! 0), so pending windows stay on the grid they were opened on. The partition's watermark
+//! `φ` ∈ [0, w) is fixed per segment when its first window opens
+//! (`window::window_phase`: the k-th segment of partition p to open a window
+//! gets the point (p, k) of a two-dimensional Weyl sequence; partition 0's
+//! first segment 0), so a worker's windows close spread over the window
+//! length rather than all at one watermark (a burst of closes and commits
+//! once per window, the last of them waiting for all the others). A restore
+//! reads each segment's phase off its state (`closed_until`, or a pending
+//! window's start), so pending windows stay on the grid they were opened on.
+//! The partition's watermark
 //! is `max event time seen − window.outOfOrderMillis` and never goes back.
 //! Idle rule: when no request was ingested for `window.idleMillis` of wall
 //! time (the `now` the caller passes, ms), the watermark becomes at least

@@ -15,17 +15,25 @@ pub fn window_start(t: i64, size: i64, phase: i64) -> i64 {
     (t - phase).div_euclid(size) * size + phase
 }
 
-/// The phase of partition `partition`'s windows: a fraction of the window
-/// given by the golden-ratio (Weyl) sequence, so any number of partitions
-/// gets phases spread near-evenly over the window without knowing how many
-/// there are. Aligned windows would make every partition of a worker close
-/// at the same watermark - a burst of closes and commits on its core once
-/// per window, and the last of them waits for all the others; staggered,
-/// they arrive spread over the window. Partition 0 keeps phase 0.
-pub fn window_phase(partition: i32, size: i64) -> i64 {
+/// The phase of the windows of the `k`-th segment of partition `partition`
+/// to open a window: a fraction of the window given by a two-dimensional
+/// Weyl sequence, the golden ratio's over partitions and the plastic
+/// number's over a partition's segments, so any number of either gets
+/// phases spread over the window without knowing how many there are.
+/// Aligned windows would make every window of a worker close at the same
+/// watermark - a burst of closes and commits on its core once per window,
+/// and the last of them waits for all the others; one phase per partition
+/// still closed all of a partition's segments in one call, whose results
+/// then waited for the largest window's matching. Staggered, they arrive
+/// spread over the window. Segment 0 of partition 0 keeps phase 0.
+pub fn window_phase(partition: i32, k: u64, size: i64) -> i64 {
     // 2^64 / golden ratio, the multiplier of Fibonacci hashing.
     const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-    let fraction = u64::from(partition.unsigned_abs()).wrapping_mul(GOLDEN);
+    // 2^64 / plastic number (the real root of x³ = x + 1).
+    const PLASTIC: u64 = 0xC13F_A9A9_02A6_328F;
+    let fraction = u64::from(partition.unsigned_abs())
+        .wrapping_mul(GOLDEN)
+        .wrapping_add(k.wrapping_mul(PLASTIC));
     // The fraction's top 32 bits times size, over 2^32: below size.
     (((fraction >> 32) * size.max(1) as u64) >> 32) as i64
 }
@@ -102,21 +110,36 @@ mod tests {
     }
 
     #[test]
-    fn partition_phases_spread_over_the_window() {
-        assert_eq!(window_phase(0, 1000), 0);
+    fn phases_spread_over_the_window() {
+        assert_eq!(window_phase(0, 0, 1000), 0);
         for size in [1, 7, 500, 1000, i64::from(i32::MAX)] {
             for p in [0, 1, 15, 1000, i32::MAX, i32::MIN] {
-                let phase = window_phase(p, size);
-                assert!((0..size).contains(&phase), "{p} {size}: {phase}");
+                for k in [0, 1, 3, 1000, u64::MAX] {
+                    let phase = window_phase(p, k, size);
+                    assert!((0..size).contains(&phase), "{p} {k} {size}: {phase}");
+                }
             }
         }
-        // 16 partitions over 1 s: no two closer than a quarter of the even
-        // spacing (62.5 ms), so closes never pile up.
-        let mut phases: Vec<i64> = (0..16).map(|p| window_phase(p, 1000)).collect();
-        phases.sort();
-        let mut gaps: Vec<i64> = phases.windows(2).map(|w| w[1] - w[0]).collect();
-        gaps.push(1000 + phases[0] - phases[15]);
-        assert!(gaps.iter().all(|&g| g >= 16), "{phases:?}");
+        let min_gap = |mut phases: Vec<i64>| {
+            phases.sort();
+            let mut gaps: Vec<i64> = phases.windows(2).map(|w| w[1] - w[0]).collect();
+            gaps.push(1000 + phases[0] - phases[phases.len() - 1]);
+            gaps.into_iter().min().unwrap()
+        };
+        // 16 partitions' first segments over 1 s: no two closer than a
+        // quarter of the even spacing (62.5 ms), so closes never pile up.
+        assert!(min_gap((0..16).map(|p| window_phase(p, 0, 1000)).collect()) >= 16);
+        // A partition's first four segments: at least 200 ms apart, so one
+        // close call rarely closes two of them.
+        for p in 0..16 {
+            let own: Vec<i64> = (0..4).map(|k| window_phase(p, k, 1000)).collect();
+            assert!(min_gap(own.clone()) >= 200, "partition {p}: {own:?}");
+        }
+        // All 64 of 16 partitions x 4 segments: distinct close times.
+        let all: Vec<i64> = (0..16)
+            .flat_map(|p| (0..4).map(move |k| window_phase(p, k, 1000)))
+            .collect();
+        assert!(min_gap(all) >= 4);
     }
 
     #[test]
