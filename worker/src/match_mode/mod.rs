@@ -8,6 +8,7 @@ mod feed;
 mod http;
 mod metrics;
 mod partition;
+mod priority;
 pub mod restore;
 mod scorers;
 pub mod txn;

@@ -157,6 +157,8 @@ impl MatchWorker {
         let mut pending = Uncommitted::default();
         let mut releasing = false;
         loop {
+            // Whichever runtime thread runs this iteration.
+            super::priority::lower_this_thread();
             tokio::select! {
                 biased;
                 _ = guard.fenced() => {
