@@ -7,6 +7,7 @@ pub mod feedback;
 pub mod fleet;
 pub mod match_pipeline;
 pub mod matching;
+pub mod metrics;
 pub mod progress;
 pub mod render_job;
 

@@ -4,36 +4,37 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use matchfleet_api::metrics::DurationHistogram;
 
 /// Upper bounds (seconds) of the reconcile duration histogram: a reconcile
 /// is a few API calls, a Kafka look-up (5 s timeout) and a progress service
 /// call (3 s timeout).
 const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-#[derive(Default)]
 pub struct Metrics {
-    reconciles: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
-    buckets: [AtomicU64; BUCKETS.len()],
-    duration_micros: AtomicU64,
+    durations: DurationHistogram,
     leader: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            errors: Mutex::default(),
+            durations: DurationHistogram::new(&BUCKETS),
+            leader: AtomicBool::default(),
+        }
+    }
 }
 
 impl Metrics {
     /// Records one reconcile, and its error category if it failed.
     pub fn reconciled(&self, took: Duration, error: Option<&'static str>) {
-        self.reconciles.fetch_add(1, Ordering::Relaxed);
-        let secs = took.as_secs_f64();
-        for (bound, count) in BUCKETS.iter().zip(&self.buckets) {
-            if secs <= *bound {
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.duration_micros.fetch_add(micros, Ordering::Relaxed);
+        self.durations.observe(took);
         if let Some(category) = error {
             let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
             *errors.entry(category).or_default() += 1;
@@ -47,7 +48,7 @@ impl Metrics {
     /// The text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let count = self.reconciles.load(Ordering::Relaxed);
+        let count = self.durations.count();
         let _ = writeln!(
             out,
             "# HELP matchfleet_operator_reconciles_total Reconciles run.\n\
@@ -70,24 +71,10 @@ impl Metrics {
                 "matchfleet_operator_reconcile_errors_total{{category=\"{category}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP matchfleet_operator_reconcile_duration_seconds Time one reconcile took.\n\
-             # TYPE matchfleet_operator_reconcile_duration_seconds histogram"
-        );
-        for (bound, n) in BUCKETS.iter().zip(&self.buckets) {
-            let _ = writeln!(
-                out,
-                "matchfleet_operator_reconcile_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        let sum = self.duration_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(
-            out,
-            "matchfleet_operator_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-             matchfleet_operator_reconcile_duration_seconds_sum {sum}\n\
-             matchfleet_operator_reconcile_duration_seconds_count {count}"
+        self.durations.render(
+            &mut out,
+            "matchfleet_operator_reconcile_duration_seconds",
+            "Time one reconcile took.",
         );
         let _ = writeln!(
             out,

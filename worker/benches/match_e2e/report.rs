@@ -356,9 +356,28 @@ pub fn print(r: &Report<'_>) {
         w("matched_total"),
         w("expired_total"),
         w("commits_total"),
-        w("commit_micros_total") / 1000.0 / w("commits_total").max(1.0),
+        1000.0 * w("transaction_seconds_sum") / w("transaction_seconds_count").max(1.0),
         w("commit_failures_total")
     );
+    // The worker's own histograms: share of observations within each bound.
+    for (name, what) in [
+        ("window_close_seconds", "close calls that closed a window"),
+        ("transaction_seconds", "transactions"),
+    ] {
+        let count = w(&format!("{name}_count"));
+        let within: Vec<String> = [0.005, 0.01, 0.025, 0.05, 0.1]
+            .iter()
+            .map(|b| {
+                let n = w(&format!("{name}_bucket{{le=\"{b}\"}}"));
+                format!("<= {:.0} ms {:.1}%", b * 1000.0, 100.0 * n / count.max(1.0))
+            })
+            .collect();
+        println!(
+            "worker: {count:.0} {what} (mean {:.2} ms): {}",
+            1000.0 * w(&format!("{name}_sum")) / count.max(1.0),
+            within.join(", ")
+        );
+    }
     println!(
         "worker: partitions taken {} times for {} partitions; {:.0} requests read for {} made; {:.0} state \
          records restored{}",

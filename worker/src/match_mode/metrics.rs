@@ -2,7 +2,34 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use matchfleet_api::metrics::DurationHistogram;
+
 use crate::fleet::keeper::KeeperStats;
+
+/// Upper bounds (seconds) of the close and transaction histograms: a window's
+/// results should be readable within tens of milliseconds of its close.
+const LATENCY_BOUNDS: [f64; 11] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Where the time between a window's close and its results goes.
+#[derive(Debug)]
+pub struct Latencies {
+    /// A partition's close call that closed at least one window (matching,
+    /// results, state changes).
+    pub close: DurationHistogram,
+    /// A committed transaction, from its begin to its commit.
+    pub transaction: DurationHistogram,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            close: DurationHistogram::new(&LATENCY_BOUNDS),
+            transaction: DurationHistogram::new(&LATENCY_BOUNDS),
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct MatchMetrics {
@@ -14,7 +41,7 @@ pub struct MatchMetrics {
     pub expired: AtomicU64,
     pub commits: AtomicU64,
     pub commit_failures: AtomicU64,
-    pub commit_micros_sum: AtomicU64,
+    pub latencies: Latencies,
     pub restored_records: AtomicU64,
     pub replayed_requests: AtomicU64,
     pub http_scorer_fallbacks: AtomicU64,
@@ -84,11 +111,6 @@ impl MatchMetrics {
                 get(&self.commit_failures),
             ),
             (
-                "commit_micros_total",
-                "Time spent committing transactions, microseconds.",
-                get(&self.commit_micros_sum),
-            ),
-            (
                 "restored_records_total",
                 "State changelog records read when taking partitions.",
                 get(&self.restored_records),
@@ -122,6 +144,16 @@ impl MatchMetrics {
                 value,
             );
         }
+        self.latencies.close.render(
+            &mut out,
+            "matchfleet_match_window_close_seconds",
+            "Time a partition's close call took, when it closed at least one window.",
+        );
+        self.latencies.transaction.render(
+            &mut out,
+            "matchfleet_match_transaction_seconds",
+            "Time a committed transaction (results, state, offsets) took from its begin to its commit.",
+        );
         keeper.write_metrics(&mut out);
         out
     }

@@ -216,11 +216,16 @@ impl MatchWorker {
                 HashMap::new()
             };
             let closed_before = (engine.windows_closed(), engine.windows_prescored());
+            let close_started = Instant::now();
             pending.results.extend(engine.close(now, &external));
-            MatchMetrics::add(
-                &self.metrics.windows_closed,
-                engine.windows_closed() - closed_before.0,
-            );
+            let closed = engine.windows_closed() - closed_before.0;
+            if closed > 0 {
+                self.metrics
+                    .latencies
+                    .close
+                    .observe(close_started.elapsed());
+            }
+            MatchMetrics::add(&self.metrics.windows_closed, closed);
             MatchMetrics::add(
                 &self.metrics.windows_prescored,
                 engine.windows_prescored() - closed_before.1,
@@ -375,18 +380,14 @@ impl MatchWorker {
             next_outcome_offset,
         };
         let letters = commit.letters.len() as u64;
-        let started = Instant::now();
         let committed = match consumer.group_metadata() {
             Some(group) => txn.commit(commit, group).await,
             None => Err(anyhow::anyhow!("the consumer has no group metadata")),
         };
         match committed {
-            Ok(()) => {
+            Ok(took) => {
+                self.metrics.latencies.transaction.observe(took);
                 MatchMetrics::add(&self.metrics.commits, 1);
-                MatchMetrics::add(
-                    &self.metrics.commit_micros_sum,
-                    started.elapsed().as_micros() as u64,
-                );
                 MatchMetrics::add(&self.metrics.matched, matched);
                 MatchMetrics::add(&self.metrics.expired, expired);
                 MatchMetrics::add(&self.metrics.dead_lettered, letters);

@@ -120,10 +120,16 @@ impl Transactions {
         })
     }
 
-    /// Writes `commit` in one transaction. Any error leaves nothing visible;
-    /// the caller then gives the partition up (its in-memory state is ahead
-    /// of what was committed) and the next owner restores from the changelog.
-    pub async fn commit(&self, commit: Commit, group: ConsumerGroupMetadata) -> anyhow::Result<()> {
+    /// Writes `commit` in one transaction; how long the transaction took
+    /// (from its begin to its commit, on the blocking thread). Any error
+    /// leaves nothing visible; the caller then gives the partition up (its
+    /// in-memory state is ahead of what was committed) and the next owner
+    /// restores from the changelog.
+    pub async fn commit(
+        &self,
+        commit: Commit,
+        group: ConsumerGroupMetadata,
+    ) -> anyhow::Result<Duration> {
         let producer = self.producer.clone();
         let topics = self.topics.clone();
         let partition = self.partition;
@@ -156,7 +162,7 @@ impl Transactions {
                 // Best effort: a fenced producer cannot abort, and need not.
                 let _ = producer.abort_transaction(CALL_TIMEOUT);
             }
-            written
+            written.map(|()| started.elapsed())
         })
         .await?
         .map_err(|e| anyhow::anyhow!("transaction of partition {partition}: {e}"))
