@@ -118,9 +118,15 @@ impl CooldownBook {
         if self.partners.is_empty() {
             return blocked;
         }
-        let mut index: FastMap<&str, Vec<u32>> = FastMap::default();
-        for (i, u) in users.iter().enumerate() {
-            index.entry(u).or_default().push(i as u32);
+        // Each user's first index, and a chain through its other indices
+        // (users are mostly distinct in a window: no list per user).
+        let mut first: FastMap<&str, u32> = FastMap::default();
+        first.reserve(users.len());
+        let mut next = vec![u32::MAX; users.len()];
+        for (i, u) in users.iter().enumerate().rev() {
+            if let Some(later) = first.insert(u, i as u32) {
+                next[i] = later;
+            }
         }
         for (i, u) in users.iter().enumerate() {
             let Some(partners) = self.partners.get(*u) else {
@@ -130,12 +136,11 @@ impl CooldownBook {
                 if until <= start {
                     continue;
                 }
-                let Some(js) = index.get(&**p) else {
-                    continue;
-                };
-                for &j in js {
+                let mut j = first.get(&**p).copied().unwrap_or(u32::MAX);
+                while j != u32::MAX {
                     let i = i as u32;
                     blocked.insert((i.min(j), i.max(j)));
+                    j = next[j as usize];
                 }
             }
         }
@@ -172,6 +177,12 @@ mod tests {
             "deadline 3000 is not after start 3000"
         );
         assert!(book.blocked(&["bob", "dan"], 0).is_empty());
+        // A user twice: every index of both users is blocked.
+        let users = ["bob", "ann", "dan", "bob", "ann"];
+        assert_eq!(
+            book.blocked(&users, 0),
+            FastSet::from_iter([(0, 1), (0, 4), (1, 3), (3, 4)])
+        );
     }
 
     #[test]

@@ -827,19 +827,29 @@ impl PartitionEngine {
             .into_iter()
             .flat_map(|m| m.values())
             .filter_map(|id| self.requests.get(id));
-        let mut best: FastMap<&str, &Pending> = FastMap::default();
-        let mut all = Vec::new();
-        for p in members {
-            all.push(p);
-            let b = best.entry(p.request.user.as_str()).or_insert(p);
-            if p.windows > b.windows {
-                *b = p;
+        let all: Vec<&Pending> = members.collect();
+        // Each user's taking request, by index into `all`.
+        let mut best: FastMap<&str, usize> = FastMap::default();
+        best.reserve(all.len());
+        for (i, p) in all.iter().enumerate() {
+            let b = best.entry(p.request.user.as_str()).or_insert(i);
+            if p.windows > all[*b].windows {
+                *b = i;
             }
         }
-        all.into_iter().partition(|p| {
-            best.get(p.request.user.as_str())
-                .is_some_and(|b| b.offset == p.offset)
-        })
+        let mut takes = vec![false; all.len()];
+        for &i in best.values() {
+            takes[i] = true;
+        }
+        let (mut taking, mut held) = (Vec::with_capacity(best.len()), Vec::new());
+        for (p, takes) in all.into_iter().zip(takes) {
+            if takes {
+                taking.push(p);
+            } else {
+                held.push(p);
+            }
+        }
+        (taking, held)
     }
 
     /// The builtin scorer of window `start` (chosen now if it has none yet);
