@@ -236,6 +236,10 @@ impl Fleet {
         let topic = s.topic();
         let n = s.live_requests();
         let already = load.made();
+        // Made before the clock starts: only their send is paced and timed.
+        let mut ahead = (0..n)
+            .map(|_| load.ahead())
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let stop = CancellationToken::new();
         let lags = Arc::new(Mutex::new(Vec::new()));
         let sampler = tokio::spawn(sample_lag(self.watch.clone(), lags.clone(), stop.clone()));
@@ -248,8 +252,8 @@ impl Fleet {
         while sent < n {
             let due = ((s.rate * start.elapsed().as_secs_f64()) as u64).min(n);
             while sent < due {
-                let record = load.next(system::wall_millis());
-                kafka::send(&producer, &topic, &record).await?;
+                let record = ahead[sent as usize].stamp(system::wall_millis())?;
+                kafka::send(&producer, &topic, record).await?;
                 sent += 1;
             }
             if last_alive_check.elapsed() > Duration::from_millis(500) {

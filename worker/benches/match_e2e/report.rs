@@ -287,7 +287,10 @@ pub fn print(r: &Report<'_>) {
             true,
         );
     }
-    println!("(contender: the baseline child or the worker; bench: the load generator and the results reader)");
+    println!(
+        "(contender: the baseline child or the worker; bench: the load generator and the results reader; \
+         the live phase's requests are made before it starts, only sent during it)"
+    );
 
     let live_from = r.live.map_or(i64::MAX, |l| l.start_ms);
     let backlog_latencies = latencies(&r.observed.samples, r.backlog.start_ms, live_from);

@@ -5,6 +5,7 @@
 //! round, so with more users than a window's requests nobody asks twice in
 //! one window.
 
+use anyhow::Context;
 use matchfleet_api::matching::{MatchRequest, Preferences, Profile};
 use rand::{RngExt, SeedableRng};
 use rand_distr::StandardNormal;
@@ -28,6 +29,26 @@ struct User {
 }
 
 /// One record for the request topic.
+/// A request made ahead of its send ([`Workload::ahead`]).
+pub struct Ahead {
+    record: Outgoing,
+    /// Where the event time's digits are in the payload.
+    digits: std::ops::Range<usize>,
+}
+
+impl Ahead {
+    /// The request with `event_time` (13 digits: epoch ms until 2286) written in.
+    pub fn stamp(&mut self, event_time: i64) -> anyhow::Result<&Outgoing> {
+        let text = event_time.to_string();
+        anyhow::ensure!(
+            text.len() == self.digits.len(),
+            "event time {event_time} is not 13 digits"
+        );
+        self.record.payload[self.digits.clone()].copy_from_slice(text.as_bytes());
+        Ok(&self.record)
+    }
+}
+
 pub struct Outgoing {
     /// The segment, as the worker requires.
     pub key: String,
@@ -109,6 +130,28 @@ impl Workload {
     /// Requests made so far.
     pub fn made(&self) -> u64 {
         self.seq
+    }
+
+    /// The next request, made now to be sent later: its event time is a
+    /// 13-digit placeholder that [`Ahead::stamp`] overwrites at the send, so
+    /// the live phase spends no CPU making requests on the core the broker
+    /// shares with the bench.
+    pub fn ahead(&mut self) -> anyhow::Result<Ahead> {
+        const PLACEHOLDER: i64 = 1_000_000_000_000;
+        const FIELD: &[u8] = b"\"eventTime\":";
+        let record = self.next(PLACEHOLDER);
+        let start = record
+            .payload
+            .windows(FIELD.len())
+            .position(|w| w == FIELD)
+            .map(|i| i + FIELD.len())
+            .context("a request without eventTime")?;
+        let digits = start..start + PLACEHOLDER.to_string().len();
+        anyhow::ensure!(
+            record.payload.get(digits.clone()) == Some(PLACEHOLDER.to_string().as_bytes()),
+            "the placeholder event time is not where expected"
+        );
+        Ok(Ahead { record, digits })
     }
 
     /// The next request, made at `event_time` (ms since the epoch).
