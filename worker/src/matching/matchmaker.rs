@@ -134,12 +134,48 @@ impl Edge {
 fn sort_best_first(edges: &mut Vec<Edge>, n: usize) {
     if n <= 1 << 16 {
         let mut keys: Vec<u64> = edges.iter().map(|e| e.sort_key()).collect();
-        keys.sort_unstable();
+        radix_sort(&mut keys);
         edges.clear();
         edges.extend(keys.into_iter().map(Edge::from_sort_key));
     } else {
         edges.sort_unstable_by(|a, b| b.cmp(a));
     }
+}
+
+/// Sorts `keys` ascending: a least-significant-digit radix sort over bytes
+/// for long inputs (a window's n · K edge keys: ~3× faster than a
+/// comparison sort), skipping the bytes every key shares.
+fn radix_sort(keys: &mut Vec<u64>) {
+    if keys.len() < 512 {
+        keys.sort_unstable();
+        return;
+    }
+    let mut counts = [[0usize; 256]; 8];
+    for &k in keys.iter() {
+        for (d, c) in counts.iter_mut().enumerate() {
+            c[(k >> (8 * d)) as usize & 0xff] += 1;
+        }
+    }
+    let mut from = std::mem::take(keys);
+    let mut to = vec![0u64; from.len()];
+    for (d, c) in counts.iter().enumerate() {
+        if c.contains(&from.len()) {
+            continue;
+        }
+        let mut at = [0usize; 256];
+        let mut sum = 0;
+        for (a, &n) in at.iter_mut().zip(c) {
+            *a = sum;
+            sum += n;
+        }
+        for &k in &from {
+            let b = (k >> (8 * d)) as usize & 0xff;
+            to[at[b]] = k;
+            at[b] += 1;
+        }
+        std::mem::swap(&mut from, &mut to);
+    }
+    *keys = from;
 }
 
 impl Ord for Edge {
@@ -463,18 +499,37 @@ pub(crate) fn greedy_seeded(
         let Some(e) = queue.pop() else {
             break;
         };
-        let (lo, hi) = (e.lo as usize, e.hi as usize);
-        if free[lo] && free[hi] {
-            free[lo] = false;
-            free[hi] = false;
-            pairs.push(Pair {
-                i: e.lo,
-                j: e.hi,
-                score: e.score,
-            });
+        take(e, &mut free, &mut pairs);
+        // The sorted edges above every refill edge and every floor (free or
+        // not: a stale one only ends the run early) come next in order
+        // whatever is taken: run through them without the queue's merging.
+        let bound = queue.extra.peek().copied().max(floors.peek().map(|f| f.0));
+        let run = &queue.sorted[queue.at..];
+        let end = match bound {
+            Some(b) => run.partition_point(|&e| e > b),
+            None => run.len(),
+        };
+        for &e in &run[..end] {
+            take(e, &mut free, &mut pairs);
         }
+        queue.at += end;
     }
     pairs
+}
+
+/// Matches `e`'s ends if both are free.
+#[inline]
+fn take(e: Edge, free: &mut [bool], pairs: &mut Vec<Pair>) {
+    let (lo, hi) = (e.lo as usize, e.hi as usize);
+    if free[lo] && free[hi] {
+        free[lo] = false;
+        free[hi] = false;
+        pairs.push(Pair {
+            i: e.lo,
+            j: e.hi,
+            score: e.score,
+        });
+    }
 }
 
 /// Scores the upper triangle in row blocks and keeps each request's top-K
@@ -843,6 +898,27 @@ mod tests {
     }
 
     proptest! {
+        /// Some bytes shared by every key (passes skipped), some not, and
+        /// lengths on both sides of the comparison-sort cut-off.
+        #[test]
+        fn the_radix_sort_sorts(
+            mut keys in prop::collection::vec(any::<u64>(), 0..3000),
+            shared in any::<u64>(),
+            varying in any::<u8>(),
+        ) {
+            // Bit d of `varying`: byte d differs between keys.
+            let mask = (0..8)
+                .filter(|d| varying >> d & 1 == 1)
+                .fold(0u64, |m, d| m | 0xff << (8 * d));
+            for k in keys.iter_mut() {
+                *k = (*k & mask) | (shared & !mask);
+            }
+            let mut expected = keys.clone();
+            expected.sort_unstable();
+            radix_sort(&mut keys);
+            prop_assert_eq!(keys, expected);
+        }
+
         /// The packed sort key orders edges exactly as `Edge::cmp` (best
         /// first) and gives every edge back bit for bit.
         #[test]
