@@ -332,8 +332,13 @@ async fn sample_lag(watch: OffsetWatch, lags: Arc<Mutex<Vec<i64>>>, stop: Cancel
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(LAG_SAMPLE) => {}
         }
-        let sample =
-            async { anyhow::Ok(watch.ends_async().await? - watch.committed_async().await?) };
+        // Committed first: offsets that move between the two reads make the
+        // lag look larger, never negative (ends read first, then a slow
+        // committed read, once gave -100,000).
+        let sample = async {
+            let committed = watch.committed_async().await?;
+            anyhow::Ok(watch.ends_async().await? - committed)
+        };
         match sample.await {
             Ok(lag) => {
                 if let Ok(mut l) = lags.lock() {
