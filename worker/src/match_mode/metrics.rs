@@ -158,3 +158,31 @@ impl MatchMetrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_close_and_transaction_histograms_are_exposed() {
+        let m = MatchMetrics::default();
+        m.latencies.close.observe(Duration::from_millis(3));
+        m.latencies.transaction.observe(Duration::from_millis(30));
+        MatchMetrics::add(&m.commits, 1);
+        let text = m.text(&KeeperStats::default());
+        for line in [
+            "# TYPE matchfleet_match_window_close_seconds histogram",
+            "matchfleet_match_window_close_seconds_bucket{le=\"0.0025\"} 0",
+            "matchfleet_match_window_close_seconds_bucket{le=\"0.005\"} 1",
+            "matchfleet_match_window_close_seconds_count 1",
+            "matchfleet_match_transaction_seconds_bucket{le=\"0.025\"} 0",
+            "matchfleet_match_transaction_seconds_bucket{le=\"0.05\"} 1",
+            "matchfleet_match_transaction_seconds_sum 0.03",
+            "matchfleet_match_commits_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
+}
