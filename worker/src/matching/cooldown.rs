@@ -6,7 +6,7 @@
 //! a match then costs reference counts, not string copies, and a day of
 //! history holds each name once rather than once per index entry.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::hash::{FastMap, FastSet};
@@ -35,19 +35,27 @@ fn canonical<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
 /// deadline (the truth; finds a window's blocked pairs in O(window +
 /// history of its users) rather than O(window²)), and by deadline (to
 /// expire in O(expired)).
+///
+/// The deadline index holds the pairs of each deadline in a list: a
+/// window's matches all share one deadline, and a set ordered by (deadline,
+/// pair) compared user names ~18 times per match. A pair whose deadline
+/// moved stays in its old list until that one expires and is skipped then
+/// (its deadline in `partners` differs).
 #[derive(Debug, Clone, Default)]
 pub struct CooldownBook {
     partners: FastMap<Arc<str>, FastMap<Arc<str>, i64>>,
-    deadlines: BTreeSet<(i64, UserPair)>,
+    deadlines: BTreeMap<i64, Vec<UserPair>>,
+    /// Pairs in `partners` (each once).
+    pairs: usize,
 }
 
 impl CooldownBook {
     pub fn len(&self) -> usize {
-        self.deadlines.len()
+        self.pairs
     }
 
     pub fn is_empty(&self) -> bool {
-        self.deadlines.is_empty()
+        self.pairs == 0
     }
 
     pub fn until(&self, pair: &UserPair) -> Option<i64> {
@@ -73,10 +81,13 @@ impl CooldownBook {
             .entry(pair.1.clone())
             .or_default()
             .insert(pair.0.clone(), until);
-        if let Some(old) = old {
-            self.deadlines.remove(&(old, pair.clone()));
+        match old {
+            None => self.pairs += 1,
+            // Already listed under this deadline.
+            Some(old) if old == until => return pair,
+            Some(_) => {}
         }
-        self.deadlines.insert((until, pair.clone()));
+        self.deadlines.entry(until).or_default().push(pair.clone());
         pair
     }
 
@@ -91,22 +102,26 @@ impl CooldownBook {
     /// Drops every pair whose deadline is at or before `watermark`, returning them.
     pub fn expire(&mut self, watermark: i64) -> Vec<UserPair> {
         let mut gone = Vec::new();
-        while let Some((until, _)) = self.deadlines.first() {
-            if *until > watermark {
+        while let Some(entry) = self.deadlines.first_entry() {
+            if *entry.key() > watermark {
                 break;
             }
-            let Some((_, pair)) = self.deadlines.pop_first() else {
-                break;
-            };
-            for (a, b) in [(&pair.0, &pair.1), (&pair.1, &pair.0)] {
-                if let Some(partners) = self.partners.get_mut(&**a) {
-                    partners.remove(&**b);
-                    if partners.is_empty() {
-                        self.partners.remove(&**a);
+            let (until, listed) = entry.remove_entry();
+            for pair in listed {
+                if self.until(&pair) != Some(until) {
+                    continue; // moved to a later deadline
+                }
+                for (a, b) in [(&pair.0, &pair.1), (&pair.1, &pair.0)] {
+                    if let Some(partners) = self.partners.get_mut(&**a) {
+                        partners.remove(&**b);
+                        if partners.is_empty() {
+                            self.partners.remove(&**a);
+                        }
                     }
                 }
+                self.pairs -= 1;
+                gone.push(pair);
             }
-            gone.push(pair);
         }
         gone
     }
@@ -147,9 +162,12 @@ impl CooldownBook {
         blocked
     }
 
-    /// Every pair with its deadline, each once.
+    /// Every pair with its deadline, each once, by deadline.
     pub fn iter(&self) -> impl Iterator<Item = (&UserPair, i64)> {
-        self.deadlines.iter().map(|(t, p)| (p, *t))
+        self.deadlines
+            .iter()
+            .flat_map(|(&t, listed)| listed.iter().map(move |p| (p, t)))
+            .filter(|&(p, t)| self.until(p) == Some(t))
     }
 }
 
@@ -216,5 +234,13 @@ mod tests {
             book.iter().map(|(_, t)| t).collect::<Vec<_>>(),
             vec![6000, 9000]
         );
+        // Its old deadline passes: the pair stays until its new one.
+        assert_eq!(book.expire(5000), vec![]);
+        assert_eq!(book.until(&ab), Some(9000));
+        assert_eq!(book.expire(6000), vec![ca]);
+        book.insert_users("ann", "bob", 9000);
+        assert_eq!(book.len(), 1, "the same deadline again: still one entry");
+        assert_eq!(book.expire(9000), vec![ab]);
+        assert!(book.is_empty() && book.deadlines.is_empty());
     }
 }
