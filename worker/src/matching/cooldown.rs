@@ -109,7 +109,7 @@ impl CooldownBook {
             let (until, listed) = entry.remove_entry();
             for pair in listed {
                 if self.until(&pair) != Some(until) {
-                    continue; // moved to a later deadline
+                    continue; // its deadline moved since it was listed here
                 }
                 for (a, b) in [(&pair.0, &pair.1), (&pair.1, &pair.0)] {
                     if let Some(partners) = self.partners.get_mut(&**a) {
