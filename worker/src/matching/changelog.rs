@@ -5,7 +5,7 @@
 //! | `m` | [`MetaRecord`]: clock (watermark, max event time, last ingest), counters | it changed |
 //! | `s/<segment>` | [`SegmentRecord`]: end of the last closed window, bandit posteriors, arms chosen for open windows | it changed |
 //! | `q/<segment>/<windowStart>` | [`QueueRecord`]: the window's pending requests as source offsets, with windows waited | it changed (tombstoned once empty) |
-//! | `c/["<userA>","<userB>"]` | [`CooldownRecord`]: a pair's cooldown deadline | in cooldown at a `take_changes` |
+//! | `d/<deadline>/<chunk>` | [`CooldownListRecord`]: the user pairs in cooldown until that deadline | its list changed (tombstoned once it expires) |
 //! | `j/<matchId>` | [`JoinRecord`]: a match waiting for (or holding) its outcome until its deadline | known at a `take_changes` |
 //!
 //! Pending requests are not copied into the changelog: the queue record
@@ -16,10 +16,19 @@
 //! window keeps each record small (~4 bytes per request) and leaves the
 //! windows nothing changed in alone.
 //!
-//! An expired cooldown or a finished join that was written is tombstoned
-//! (value `None`); one that came and went between two `take_changes` never
-//! appears. The cooldown key is a JSON array so that no user name can make
-//! two pairs share a key.
+//! A window's matches share one cooldown deadline, so the cooldowns are
+//! written as one list per deadline: a close writes one record (a chunk per
+//! [`COOLDOWN_CHUNK_BYTES`]) where it wrote one per match, and the engine
+//! remembers a chunk count per deadline instead of a key per pair. A pair
+//! whose deadline moved later may still be in its old deadline's record;
+//! a restore keeps each pair's latest deadline.
+//! Before lists, a pair was one `c/["<userA>","<userB>"]` record
+//! ([`CooldownRecord`]); a restore still reads those, and the engine
+//! rewrites them as lists and tombstones them.
+//!
+//! An expired cooldown list or a finished join that was written is
+//! tombstoned (value `None`); one that came and went between two
+//! `take_changes` never appears.
 
 use std::collections::BTreeMap;
 
@@ -36,7 +45,12 @@ const SEGMENT_PREFIX: &str = "s/";
 const QUEUE_PREFIX: &str = "q/";
 /// Pending requests as whole records: the format before queue records.
 const LEGACY_REQUEST_PREFIX: &str = "r/";
+/// A pair per record: the format before cooldown lists.
 const COOLDOWN_PREFIX: &str = "c/";
+const COOLDOWN_LIST_PREFIX: &str = "d/";
+/// A cooldown list record is cut into chunks of about this size, far below
+/// Kafka's default 1 MB message limit.
+pub const COOLDOWN_CHUNK_BYTES: usize = 256 * 1024;
 const JOIN_PREFIX: &str = "j/";
 
 pub fn segment_key(segment: &str) -> String {
@@ -51,6 +65,40 @@ pub fn join_key(match_id: &str) -> String {
     format!("{JOIN_PREFIX}{match_id}")
 }
 
+pub fn cooldown_list_key(until: i64, chunk: usize) -> String {
+    format!("{COOLDOWN_LIST_PREFIX}{until}/{chunk}")
+}
+
+/// The values of deadline `until`'s list records, one per chunk; none for
+/// no pairs. Written by hand: a pair is two borrowed names, no copies.
+pub fn encode_cooldown_list<'a>(
+    until: i64,
+    pairs: impl IntoIterator<Item = &'a UserPair>,
+) -> Vec<Vec<u8>> {
+    let head = format!(r#"{{"until":{until},"pairs":["#);
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    for pair in pairs {
+        if chunk.is_empty() {
+            chunk.extend_from_slice(head.as_bytes());
+        } else {
+            chunk.push(b',');
+        }
+        // Serialising two strings into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut chunk, &[&*pair.0, &*pair.1]);
+        if chunk.len() >= COOLDOWN_CHUNK_BYTES {
+            chunk.extend_from_slice(b"]}");
+            chunks.push(std::mem::take(&mut chunk));
+        }
+    }
+    if !chunk.is_empty() {
+        chunk.extend_from_slice(b"]}");
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// The key of a pair's record in the format before cooldown lists.
 pub fn cooldown_key(pair: &UserPair) -> String {
     // Serialising two strings cannot fail.
     let users = serde_json::to_string(&[&*pair.0, &*pair.1]).unwrap_or_default();
@@ -196,6 +244,13 @@ pub struct CooldownRecord {
     pub until: i64,
 }
 
+/// The user pairs in cooldown until one deadline (one chunk of them).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CooldownListRecord {
+    pub until: i64,
+    pub pairs: Vec<(String, String)>,
+}
+
 /// A changelog record that cannot be restored.
 #[derive(Debug, Error)]
 pub enum RestoreError {
@@ -220,6 +275,9 @@ pub enum Record {
     Meta(MetaRecord),
     Segment(String, SegmentRecord),
     Queue(String, Vec<QueuedRequest>),
+    /// A chunk of a deadline's cooldown list: (deadline, chunk, pairs).
+    Cooldowns(i64, usize, Vec<UserPair>),
+    /// A pair's cooldown in the format before lists.
     Cooldown(UserPair, i64),
     Join(String, JoinRecord),
 }
@@ -257,6 +315,21 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Record, RestoreError> {
             "a pending request in the state format before queue records; \
              this worker cannot restore it: let the pipeline drain with the old worker image first",
         ))
+    } else if let Some(rest) = key.strip_prefix(COOLDOWN_LIST_PREFIX) {
+        let (until, chunk) = rest
+            .split_once('/')
+            .and_then(|(until, chunk)| Some((until.parse::<i64>().ok()?, chunk.parse().ok()?)))
+            .ok_or_else(|| invalid("not d/<deadline>/<chunk>"))?;
+        let list: CooldownListRecord = json(key, value)?;
+        if list.until != until {
+            return Err(invalid("holds another deadline"));
+        }
+        let pairs = list
+            .pairs
+            .iter()
+            .map(|(a, b)| UserPair::new(a, b))
+            .collect();
+        Ok(Record::Cooldowns(until, chunk, pairs))
     } else if key.starts_with(COOLDOWN_PREFIX) {
         let c: CooldownRecord = json(key, value)?;
         let [a, b] = &c.users;
@@ -376,6 +449,41 @@ mod tests {
         ));
         let meta = MetaRecord::default();
         assert_eq!(decode("m", &encode(&meta)).unwrap(), Record::Meta(meta));
+    }
+
+    #[test]
+    fn cooldown_lists_round_trip_in_chunks() {
+        let odd = UserPair::new("a\",\"b", "c\\d\u{1}");
+        let many: Vec<UserPair> = (0..20_000)
+            .map(|i| UserPair::new(&format!("user-{i}"), &format!("partner-{i}")))
+            .chain([odd.clone()])
+            .collect();
+        let chunks = encode_cooldown_list(-7, &many);
+        assert!(chunks.len() > 1, "{} bytes in one record", chunks[0].len());
+        let mut back = Vec::new();
+        for (i, value) in chunks.iter().enumerate() {
+            assert!(value.len() < COOLDOWN_CHUNK_BYTES + 1024);
+            let key = cooldown_list_key(-7, i);
+            let Record::Cooldowns(until, chunk, pairs) = decode(&key, value).unwrap() else {
+                panic!("{key} is not a cooldown list");
+            };
+            assert_eq!((until, chunk), (-7, i));
+            back.extend(pairs);
+        }
+        assert_eq!(back, many);
+        assert!(encode_cooldown_list(5, []).is_empty());
+
+        let one = encode_cooldown_list(5, [&odd]).remove(0);
+        for bad in ["d/6/0", "d/5", "d/x/0", "d/5/-1"] {
+            assert!(
+                matches!(decode(bad, &one), Err(RestoreError::Invalid { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            decode("d/5/0", br#"{"until":5,"pairs":[["a"]]}"#),
+            Err(RestoreError::Decode { .. })
+        ));
     }
 
     #[test]

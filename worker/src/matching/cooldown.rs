@@ -40,7 +40,8 @@ fn canonical<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
 /// window's matches all share one deadline, and a set ordered by (deadline,
 /// pair) compared user names ~18 times per match. A pair whose deadline
 /// moved stays in its old list until that one expires and is skipped then
-/// (its deadline in `partners` differs).
+/// (its deadline in `partners` differs). The lists are also the changelog's
+/// unit: one record per deadline, not per pair.
 #[derive(Debug, Clone, Default)]
 pub struct CooldownBook {
     partners: FastMap<Arc<str>, FastMap<Arc<str>, i64>>,
@@ -59,21 +60,29 @@ impl CooldownBook {
     }
 
     pub fn until(&self, pair: &UserPair) -> Option<i64> {
-        self.partners.get(&*pair.0)?.get(&*pair.1).copied()
+        self.until_users(&pair.0, &pair.1)
     }
 
-    /// Sets (or moves) the pair's deadline.
-    pub fn insert(&mut self, pair: UserPair, until: i64) {
-        self.insert_users(&pair.0, &pair.1, until);
+    /// Sets the pair's deadline, or moves it later (see [`Self::insert_users`]).
+    pub fn insert(&mut self, pair: UserPair, until: i64) -> bool {
+        self.insert_users(&pair.0, &pair.1, until)
     }
 
-    /// Sets (or moves) the deadline of users `a` and `b`, returning their
-    /// pair (names shared with the book).
-    pub fn insert_users(&mut self, a: &str, b: &str, until: i64) -> UserPair {
+    /// Sets the deadline of users `a` and `b`, or moves it later: a pair
+    /// is in cooldown until its latest deadline, whatever order matches (or
+    /// a restore) bring them in. True when the pair is now listed under
+    /// `until` (that deadline's list changed).
+    pub fn insert_users(&mut self, a: &str, b: &str, until: i64) -> bool {
         let (lo, hi) = canonical(a, b);
+        if let Some(old) = self.until_users(lo, hi) {
+            if old >= until {
+                return false;
+            }
+        } else {
+            self.pairs += 1;
+        }
         let pair = UserPair(self.intern(lo), self.intern(hi));
-        let old = self
-            .partners
+        self.partners
             .entry(pair.0.clone())
             .or_default()
             .insert(pair.1.clone(), until);
@@ -81,14 +90,12 @@ impl CooldownBook {
             .entry(pair.1.clone())
             .or_default()
             .insert(pair.0.clone(), until);
-        match old {
-            None => self.pairs += 1,
-            // Already listed under this deadline.
-            Some(old) if old == until => return pair,
-            Some(_) => {}
-        }
-        self.deadlines.entry(until).or_default().push(pair.clone());
-        pair
+        self.deadlines.entry(until).or_default().push(pair);
+        true
+    }
+
+    fn until_users(&self, lo: &str, hi: &str) -> Option<i64> {
+        self.partners.get(lo)?.get(hi).copied()
     }
 
     /// The book's copy of a user's name, or a new one.
@@ -99,8 +106,9 @@ impl CooldownBook {
         }
     }
 
-    /// Drops every pair whose deadline is at or before `watermark`, returning them.
-    pub fn expire(&mut self, watermark: i64) -> Vec<UserPair> {
+    /// Drops every pair whose deadline is at or before `watermark`,
+    /// returning the deadlines whose lists went.
+    pub fn expire(&mut self, watermark: i64) -> Vec<i64> {
         let mut gone = Vec::new();
         while let Some(entry) = self.deadlines.first_entry() {
             if *entry.key() > watermark {
@@ -120,10 +128,19 @@ impl CooldownBook {
                     }
                 }
                 self.pairs -= 1;
-                gone.push(pair);
             }
+            gone.push(until);
         }
         gone
+    }
+
+    /// The pairs whose deadline is `until`, each once.
+    pub fn listed(&self, until: i64) -> impl Iterator<Item = &UserPair> {
+        self.deadlines
+            .get(&until)
+            .into_iter()
+            .flatten()
+            .filter(move |p| self.until(p) == Some(until))
     }
 
     /// Index pairs `(i, j)`, `i < j`, of `users` still in cooldown for a
@@ -209,38 +226,63 @@ mod tests {
         book.insert(UserPair::new("a", "b"), 5000);
         book.insert(UserPair::new("a", "c"), 3000);
         book.insert(UserPair::new("a", "c"), 7000);
-        assert_eq!(book.expire(4999), vec![]);
-        assert_eq!(book.expire(5000), vec![UserPair::new("a", "b")]);
+        assert_eq!(
+            book.expire(4999),
+            vec![3000],
+            "a-c moved on: only its old list goes"
+        );
+        assert_eq!(book.len(), 2);
+        assert_eq!(book.expire(5000), vec![5000]);
         assert_eq!(book.len(), 1);
         assert!(book.blocked(&["a", "b"], 0).is_empty());
-        assert_eq!(book.expire(i64::MAX), vec![UserPair::new("a", "c")]);
+        assert_eq!(book.expire(i64::MAX), vec![7000]);
         assert!(book.is_empty());
         assert!(book.partners.is_empty());
     }
 
     #[test]
+    fn a_deadline_only_moves_later() {
+        let mut book = CooldownBook::default();
+        let ab = UserPair::new("ann", "bob");
+        assert!(book.insert_users("bob", "ann", 5000), "listed under 5000");
+        assert!(
+            !book.insert_users("ann", "bob", 5000),
+            "already listed there"
+        );
+        assert!(
+            !book.insert_users("ann", "bob", 4000),
+            "an earlier deadline changes nothing"
+        );
+        assert_eq!(book.until(&ab), Some(5000));
+        assert!(book.insert_users("ann", "bob", 9000));
+        assert_eq!(book.len(), 1, "moving a deadline keeps one entry");
+        assert_eq!(book.listed(5000).count(), 0, "moved out of its old list");
+        assert_eq!(book.listed(9000).collect::<Vec<_>>(), vec![&ab]);
+        assert_eq!(book.iter().map(|(_, t)| t).collect::<Vec<_>>(), vec![9000]);
+        assert_eq!(book.expire(5000), vec![5000]);
+        assert_eq!(
+            book.until(&ab),
+            Some(9000),
+            "its old deadline passed: it stays"
+        );
+        assert_eq!(book.expire(9000), vec![9000]);
+        assert!(book.is_empty() && book.deadlines.is_empty());
+    }
+
+    #[test]
     fn a_user_name_is_stored_once() {
         let mut book = CooldownBook::default();
-        let ab = book.insert_users("ann", "bob", 5000);
-        let ca = book.insert_users("cat", "ann", 6000);
-        assert_eq!(ca, UserPair::new("ann", "cat"));
-        assert!(Arc::ptr_eq(&ab.0, &ca.0), "both pairs share ann's name");
-        assert_eq!(book.until(&UserPair::new("bob", "ann")), Some(5000));
-        assert_eq!(book.until(&UserPair::new("cat", "bob")), None);
-        let moved = book.insert_users("bob", "ann", 9000);
-        assert_eq!(moved, ab);
-        assert_eq!(book.len(), 2, "moving a deadline keeps one entry");
+        book.insert_users("ann", "bob", 5000);
+        book.insert_users("cat", "ann", 6000);
+        let pairs: Vec<&UserPair> = book.iter().map(|(p, _)| p).collect();
         assert_eq!(
-            book.iter().map(|(_, t)| t).collect::<Vec<_>>(),
-            vec![6000, 9000]
+            pairs,
+            vec![&UserPair::new("ann", "bob"), &UserPair::new("ann", "cat")]
         );
-        // Its old deadline passes: the pair stays until its new one.
-        assert_eq!(book.expire(5000), vec![]);
-        assert_eq!(book.until(&ab), Some(9000));
-        assert_eq!(book.expire(6000), vec![ca]);
-        book.insert_users("ann", "bob", 9000);
-        assert_eq!(book.len(), 1, "the same deadline again: still one entry");
-        assert_eq!(book.expire(9000), vec![ab]);
-        assert!(book.is_empty() && book.deadlines.is_empty());
+        assert!(
+            Arc::ptr_eq(&pairs[0].0, &pairs[1].0),
+            "both pairs share ann's name"
+        );
+        assert_eq!(book.until(&UserPair::new("cat", "bob")), None);
     }
 }

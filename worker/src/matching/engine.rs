@@ -13,11 +13,12 @@ use thiserror::Error;
 
 use super::bandit::{self, ArmStats};
 use super::changelog::{
-    self, cooldown_key, encode, join_key, queue_key, segment_key, Counters, MetaRecord,
-    QueueRecord, QueuedRequest, Record, RestoreError, SegmentRecord, META_KEY,
+    self, cooldown_list_key, encode, encode_cooldown_list, join_key, queue_key, segment_key,
+    Counters, MetaRecord, QueueRecord, QueuedRequest, Record, RestoreError, SegmentRecord,
+    META_KEY,
 };
 use super::config::{EngineConfig, ScorerKind};
-use super::cooldown::{CooldownBook, UserPair};
+use super::cooldown::CooldownBook;
 use super::digest::{self, Digest};
 use super::feedback::{JoinBook, JoinRecord};
 use super::hash::{FastMap, FastSet};
@@ -170,7 +171,10 @@ impl Segment {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Dirty {
     Segment(String),
-    Cooldown(UserPair),
+    /// A cooldown deadline whose list changed or expired.
+    Cooldowns(i64),
+    /// A key of a format this engine no longer writes, to tombstone.
+    Retired(String),
     Join(String),
 }
 
@@ -280,8 +284,10 @@ pub struct PartitionEngine {
     joins: JoinBook,
     outcome_clock: EventClock,
     dirty: BTreeSet<Dirty>,
-    /// `q/`, `c/` and `j/` keys whose last change written was an upsert.
+    /// `q/` and `j/` keys whose last change written was an upsert.
     persisted: FastSet<String>,
+    /// Chunks of each cooldown deadline's list last written.
+    cooldown_chunks: BTreeMap<i64, usize>,
     /// Windows closed by this engine (not state: a metric).
     windows_closed: u64,
     /// Of those, the ones matched from lists prescored while they filled.
@@ -305,6 +311,7 @@ impl PartitionEngine {
             outcome_clock: EventClock::default(),
             dirty: BTreeSet::new(),
             persisted: FastSet::default(),
+            cooldown_chunks: BTreeMap::new(),
             windows_closed: 0,
             windows_prescored: 0,
             last_meta: None,
@@ -352,9 +359,19 @@ impl PartitionEngine {
                     }
                     e.persisted.insert(key);
                 }
+                Record::Cooldowns(until, chunk, pairs) => {
+                    for pair in pairs {
+                        e.cooldowns.insert(pair, until);
+                    }
+                    let chunks = e.cooldown_chunks.entry(until).or_default();
+                    *chunks = (*chunks).max(chunk + 1);
+                }
                 Record::Cooldown(pair, until) => {
+                    // Rewritten into its deadline's list, then tombstoned.
                     e.cooldowns.insert(pair, until);
-                    e.persisted.insert(key);
+                    e.dirty.insert(Dirty::Cooldowns(until));
+                    e.persisted.insert(key.clone());
+                    e.dirty.insert(Dirty::Retired(key));
                 }
                 Record::Join(id, record) => {
                     e.persisted.insert(key);
@@ -673,8 +690,8 @@ impl PartitionEngine {
                 queue.insert((next, segment));
             }
         }
-        for pair in self.cooldowns.expire(wm) {
-            self.dirty.insert(Dirty::Cooldown(pair));
+        for until in self.cooldowns.expire(wm) {
+            self.dirty.insert(Dirty::Cooldowns(until));
         }
         results
     }
@@ -702,16 +719,20 @@ impl PartitionEngine {
                         out.push((segment_key(&name), Some(encode(&seg.record))));
                     }
                 }
-                Dirty::Cooldown(pair) => {
-                    let key = cooldown_key(&pair);
-                    let value = self.cooldowns.until(&pair).map(|until| {
-                        encode(&changelog::CooldownRecord {
-                            users: [pair.0.to_string(), pair.1.to_string()],
-                            until,
-                        })
-                    });
-                    self.push_change(&mut out, key, value);
+                Dirty::Cooldowns(until) => {
+                    let chunks = encode_cooldown_list(until, self.cooldowns.listed(until));
+                    let before = self.cooldown_chunks.remove(&until).unwrap_or(0);
+                    for chunk in chunks.len()..before {
+                        out.push((cooldown_list_key(until, chunk), None));
+                    }
+                    if !chunks.is_empty() {
+                        self.cooldown_chunks.insert(until, chunks.len());
+                    }
+                    for (chunk, value) in chunks.into_iter().enumerate() {
+                        out.push((cooldown_list_key(until, chunk), Some(value)));
+                    }
                 }
+                Dirty::Retired(key) => self.push_change(&mut out, key, None),
                 Dirty::Join(id) => {
                     let value = self.joins.get(&id).map(encode);
                     self.push_change(&mut out, join_key(&id), value);
@@ -940,6 +961,9 @@ impl PartitionEngine {
         }
 
         let mut matched = vec![false; ids.len()];
+        // The window's matches share one cooldown deadline (and list).
+        let until = end.saturating_add(self.config.cooldown_millis);
+        let mut listed = false;
         for pair in &pairs {
             matched[pair.i as usize] = true;
             matched[pair.j as usize] = true;
@@ -949,15 +973,17 @@ impl PartitionEngine {
             ) else {
                 continue;
             };
-            let until = end.saturating_add(self.config.cooldown_millis);
-            let users = self
+            listed |= self
                 .cooldowns
                 .insert_users(&a.request.user, &b.request.user, until);
-            self.dirty.insert(Dirty::Cooldown(users));
             self.counters.matched += 1;
             let result = self.matched(segment, start, end, &scorer_name, pair.score, &a, &b, now);
             self.await_outcome(&result);
             results.push(result);
+        }
+
+        if listed {
+            self.dirty.insert(Dirty::Cooldowns(until));
         }
 
         let leftovers = ids

@@ -723,7 +723,13 @@ fn the_queue_names_pending_requests_by_offset_and_goes_when_empty() {
             k.as_str()
         })
         .collect();
-    assert_eq!(keys, vec!["q/s/1000", "s/s", r#"c/["ann","bob"]"#, "m"]);
+    // Window [0, 1000) matched ann and bob: their cooldown ends 1000 + 10 s later.
+    assert_eq!(keys, vec!["q/s/1000", "s/s", "d/11000/0", "m"]);
+    let list = changes.iter().find(|(k, _)| k == "d/11000/0").unwrap();
+    assert_eq!(
+        changelog::decode(&list.0, list.1.as_deref().unwrap()).unwrap(),
+        changelog::Record::Cooldowns(11_000, 0, vec![UserPair::new("ann", "bob")]),
+    );
     let queue = changes.iter().find(|(k, _)| k == "q/s/1000").unwrap();
     let queued = |window, windows, offset| changelog::QueuedRequest {
         offset,
@@ -740,10 +746,7 @@ fn the_queue_names_pending_requests_by_offset_and_goes_when_empty() {
     let results = e.close(100_000, &none());
     assert_eq!(results.len(), 2, "c and d expire: both women");
     let changes: BTreeMap<String, Option<Vec<u8>>> = e.take_changes().into_iter().collect();
-    assert_eq!(
-        changes[r#"c/["ann","bob"]"#], None,
-        "cooldown over: tombstoned"
-    );
+    assert_eq!(changes["d/11000/0"], None, "cooldown over: tombstoned");
     assert_eq!(
         changes["q/s/1000"], None,
         "nothing pending: the queue is tombstoned"
@@ -752,6 +755,62 @@ fn the_queue_names_pending_requests_by_offset_and_goes_when_empty() {
 
     let restored = restore(PARTITION, e.config().clone(), Vec::new()).unwrap();
     assert_eq!(restored.pending(), 0);
+}
+
+#[test]
+fn cooldowns_are_written_per_deadline_and_the_pair_format_is_rewritten() {
+    use changelog::{encode_cooldown_list, Record};
+    let config = EngineConfig::from_settings(&settings()).unwrap();
+    let (xy, pq) = (UserPair::new("xi", "yu"), UserPair::new("pat", "quin"));
+    let list = |until, pair: &UserPair| Some(encode_cooldown_list(until, [pair]).remove(0));
+    let legacy = changelog::encode(&changelog::CooldownRecord {
+        users: ["dan".into(), "cat".into()],
+        until: 11_000,
+    });
+    let mut log = vec![
+        (r#"c/["cat","dan"]"#.to_string(), Some(legacy)),
+        ("d/11000/0".to_string(), list(11_000, &xy)),
+        ("d/11000/1".to_string(), list(11_000, &pq)),
+        // Pat and quin matched again later: their old list still names them.
+        ("d/12000/0".to_string(), list(12_000, &pq)),
+    ];
+    let mut e = restore(PARTITION, config.clone(), log.clone()).unwrap();
+    assert_eq!(e.cooldowns(), 3);
+    ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("b", "bob", 100, "m", [1.0, 0.2]), 0);
+    ingest(&mut e, req("z", "zoe", 1300, "f", [1.0, 0.0]), 0);
+    assert_eq!(e.close(0, &none()).len(), 1);
+    let changes = e.take_changes();
+    let by_key: BTreeMap<&str, Option<&[u8]>> = changes
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref()))
+        .collect();
+    assert_eq!(
+        changelog::decode("d/11000/0", by_key["d/11000/0"].unwrap()).unwrap(),
+        Record::Cooldowns(
+            11_000,
+            0,
+            vec![UserPair::new("cat", "dan"), xy, UserPair::new("ann", "bob")]
+        ),
+        "the deadline's pairs in one record; pat and quin moved on"
+    );
+    assert_eq!(by_key["d/11000/1"], None, "a chunk no longer needed is tombstoned");
+    assert_eq!(by_key[r#"c/["cat","dan"]"#], None, "the pair record is retired");
+    assert!(!by_key.contains_key("d/12000/0"), "unchanged");
+
+    log.extend(changes);
+    let mut again = restore(PARTITION, config, log).unwrap();
+    assert_eq!(again.cooldowns(), 4);
+    assert!(again.take_changes().is_empty(), "nothing left to rewrite");
+    assert_eq!(e.close(100_000, &none()).len(), 1, "zoe expires");
+    assert_eq!(e.cooldowns(), 0);
+    let changes: BTreeMap<String, Option<Vec<u8>>> = e.take_changes().into_iter().collect();
+    assert_eq!(
+        (&changes["d/11000/0"], &changes["d/12000/0"]),
+        (&None, &None),
+        "expired lists are tombstoned"
+    );
+    assert!(!changes.contains_key("d/11000/1"), "already tombstoned");
 }
 
 #[test]
