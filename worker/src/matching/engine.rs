@@ -960,6 +960,9 @@ impl PartitionEngine {
             seg.spare = Some(window);
         }
 
+        // Every participant and held-back request is a member of this
+        // window, which goes as a whole below: settling one here is only
+        // taking it out of `requests` (not `settle`, which also unlists it).
         let mut matched = vec![false; ids.len()];
         // The window's matches share one cooldown deadline (and list).
         let until = end.saturating_add(self.config.cooldown_millis);
@@ -968,8 +971,8 @@ impl PartitionEngine {
             matched[pair.i as usize] = true;
             matched[pair.j as usize] = true;
             let (Some(a), Some(b)) = (
-                self.settle(&ids[pair.i as usize]),
-                self.settle(&ids[pair.j as usize]),
+                self.requests.remove(&ids[pair.i as usize]),
+                self.requests.remove(&ids[pair.j as usize]),
             ) else {
                 continue;
             };
@@ -1002,7 +1005,7 @@ impl PartitionEngine {
             if p.windows < max_wait {
                 p.window = end;
                 carried.push((p.offset, id.clone()));
-            } else if let Some(p) = self.settle(id) {
+            } else if let Some(p) = self.requests.remove(id) {
                 self.counters.expired += 1;
                 results.push(self.expired(&p.request, p.windows, ExpiryReason::NoPartner, now));
             }
@@ -1133,21 +1136,6 @@ impl PartitionEngine {
         };
         self.joins.insert(match_id.clone(), record, f.ttl_millis);
         self.dirty.insert(Dirty::Join(match_id.clone()));
-    }
-
-    /// Removes a settled request from the state.
-    fn settle(&mut self, id: &str) -> Option<Pending> {
-        let p = self.requests.remove(id)?;
-        if let Some(seg) = self.segments.get_mut(&p.request.segment) {
-            if let Some(w) = seg.windows.get_mut(&p.window) {
-                w.remove(&p.offset);
-                if w.is_empty() {
-                    seg.windows.remove(&p.window);
-                }
-            }
-            seg.changed_windows.insert(p.window);
-        }
-        Some(p)
     }
 
     #[allow(clippy::too_many_arguments)]

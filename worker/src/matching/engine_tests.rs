@@ -794,8 +794,14 @@ fn cooldowns_are_written_per_deadline_and_the_pair_format_is_rewritten() {
         ),
         "the deadline's pairs in one record; pat and quin moved on"
     );
-    assert_eq!(by_key["d/11000/1"], None, "a chunk no longer needed is tombstoned");
-    assert_eq!(by_key[r#"c/["cat","dan"]"#], None, "the pair record is retired");
+    assert_eq!(
+        by_key["d/11000/1"], None,
+        "a chunk no longer needed is tombstoned"
+    );
+    assert_eq!(
+        by_key[r#"c/["cat","dan"]"#], None,
+        "the pair record is retired"
+    );
     assert!(!by_key.contains_key("d/12000/0"), "unchanged");
 
     log.extend(changes);
