@@ -1101,7 +1101,7 @@ impl PartitionEngine {
         let seeds = || {
             let (window, b) = prescored?;
             let min = min_score_f32(self.config.min_score);
-            let seeds = window.seeds(b, min, offsets, |p, q| pairs.filter.allowed(p, q));
+            let seeds = window.seeds(b, min, offsets, |p, q| pairs.filter.in_cooldown(p, q));
             seeded = seeds.is_some();
             seeds
         };

@@ -347,6 +347,16 @@ impl Candidates {
         }
     }
 
+    /// Cuts every list holding more than K down to its best K, so that
+    /// [`Self::finish`] has nothing left to sort.
+    pub(crate) fn cut_long(&mut self) {
+        for u in 0..self.len.len() {
+            if self.len[u] as usize > self.k {
+                self.cut(u);
+            }
+        }
+    }
+
     /// `u`'s best K edges, and its floor if it has K (there may be more below).
     pub(crate) fn finish(&mut self, u: usize) -> (&[Edge], Option<Edge>) {
         self.cut(u);
@@ -368,23 +378,33 @@ impl Candidates {
     }
 }
 
-/// The greedy's queue: the first pass's edges sorted once, plus a heap for
-/// the few that refills add.
-struct EdgeQueue {
-    sorted: Vec<Edge>,
+/// A max-queue for the greedy: what it starts with sorted once (best
+/// first), plus a heap for the few items that refills add. Cheaper than one
+/// heap of everything: most pops are a step along the sorted part.
+struct SortedQueue<T> {
+    sorted: Vec<T>,
     at: usize,
-    extra: BinaryHeap<Edge>,
+    extra: BinaryHeap<T>,
 }
 
-impl EdgeQueue {
-    fn peek(&self) -> Option<Edge> {
+impl<T: Ord + Copy> SortedQueue<T> {
+    /// `sorted` must be best first.
+    fn new(sorted: Vec<T>) -> Self {
+        SortedQueue {
+            sorted,
+            at: 0,
+            extra: BinaryHeap::new(),
+        }
+    }
+
+    fn peek(&self) -> Option<T> {
         match (self.sorted.get(self.at), self.extra.peek()) {
             (Some(&a), Some(&b)) => Some(a.max(b)),
             (a, b) => a.or(b).copied(),
         }
     }
 
-    fn pop(&mut self) -> Option<Edge> {
+    fn pop(&mut self) -> Option<T> {
         let e = self.peek()?;
         if self.sorted.get(self.at) == Some(&e) {
             self.at += 1;
@@ -393,6 +413,23 @@ impl EdgeQueue {
         }
         Some(e)
     }
+
+    fn push(&mut self, item: T) {
+        self.extra.push(item);
+    }
+}
+
+/// How many leading edges of `run` (best first) are above `bound`: a
+/// galloping search, as the answer is mostly a few edges in and a binary
+/// search over the whole run misses the cache at every step.
+fn leading_above(run: &[Edge], bound: Edge) -> usize {
+    let mut hi = 1;
+    while hi <= run.len() && run[hi - 1] > bound {
+        hi *= 2;
+    }
+    // run[..hi / 2] are above the bound; the first that is not is before hi.
+    let lo = hi / 2;
+    lo + run[lo..hi.min(run.len())].partition_point(|&e| e > bound)
 }
 
 /// Greedy max-weight matching of the full allowed graph, keeping at most
@@ -450,23 +487,22 @@ pub(crate) fn greedy_seeded(
         return Vec::new();
     }
     let k = top_k.clamp(1, n);
-    let Seeds { mut edges, floors } = seeds;
+    let Seeds {
+        mut edges,
+        mut floors,
+    } = seeds;
     // Requests whose lists are full (there may be more edges below), by floor.
-    let mut floors: BinaryHeap<(Edge, u32)> = floors.into();
-    let mut sorted = std::mem::take(&mut edges);
-    sort_best_first(&mut sorted, n);
-    let mut queue = EdgeQueue {
-        sorted,
-        at: 0,
-        extra: BinaryHeap::new(),
-    };
+    floors.sort_unstable_by(|a, b| b.cmp(a));
+    let mut floors = SortedQueue::new(floors);
+    sort_best_first(&mut edges, n);
+    let mut queue = SortedQueue::new(edges);
 
     let mut free = vec![true; n];
     let mut pairs = Vec::new();
     loop {
         let next = queue.peek();
         let mut batch = Vec::new();
-        while let Some(&(floor, u)) = floors.peek() {
+        while let Some((floor, u)) = floors.peek() {
             if !free[u as usize] {
                 floors.pop();
             } else if next.is_some_and(|e| floor <= e) {
@@ -485,15 +521,7 @@ pub(crate) fn greedy_seeded(
                     batch.push((u, floor));
                 }
             }
-            refill(
-                src,
-                min_score,
-                k,
-                &batch,
-                &free,
-                &mut queue.extra,
-                &mut floors,
-            );
+            refill(src, min_score, k, &batch, &free, &mut queue, &mut floors);
             continue;
         }
         let Some(e) = queue.pop() else {
@@ -506,7 +534,7 @@ pub(crate) fn greedy_seeded(
         let bound = queue.extra.peek().copied().max(floors.peek().map(|f| f.0));
         let run = &queue.sorted[queue.at..];
         let end = match bound {
-            Some(b) => run.partition_point(|&e| e > b),
+            Some(b) => leading_above(run, b),
             None => run.len(),
         };
         for &e in &run[..end] {
@@ -589,19 +617,7 @@ pub(crate) fn offer_row(
     for ((m, &s), &tj) in marks.iter_mut().zip(row).zip(thresholds) {
         *m &= u8::from((s >= min) & ((s >= ti) | (s >= tj)));
     }
-    // Marks are a few percent: skip eight at a time.
-    let mut found = 0;
-    for (c, chunk) in marks.chunks(8).enumerate() {
-        let mut word = [0u8; 8];
-        word[..chunk.len()].copy_from_slice(chunk);
-        let mut bits = u64::from_le_bytes(word);
-        while bits != 0 {
-            let b = c * 8 + bits.trailing_zeros() as usize / 8;
-            bits &= bits - 1;
-            hits[found] = b as u32;
-            found += 1;
-        }
-    }
+    let found = marked(marks, hits);
     for &b in &hits[..found] {
         let j = first + b as usize;
         let e = Edge::new(row[b as usize], i as u32, j as u32);
@@ -615,6 +631,26 @@ pub(crate) fn offer_row(
             }
         }
     }
+}
+
+/// Writes the positions of the nonzero `marks` (each 0 or 1) to the front
+/// of `hits` (as long as `marks`); how many. Marks are mostly a few
+/// percent: eight are skipped at a time.
+#[inline]
+fn marked(marks: &[u8], hits: &mut [u32]) -> usize {
+    let mut found = 0;
+    for (c, chunk) in marks.chunks(8).enumerate() {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        let mut bits = u64::from_le_bytes(word);
+        while bits != 0 {
+            let b = c * 8 + bits.trailing_zeros() as usize / 8;
+            bits &= bits - 1;
+            hits[found] = b as u32;
+            found += 1;
+        }
+    }
+    found
 }
 
 /// [`match_window`], starting the greedy from `seeds()` when it gives some
@@ -649,15 +685,17 @@ pub(crate) fn min_score_f32(min: f64) -> f32 {
 }
 
 /// Rescores `batch` (free requests with their floors) against the requests
-/// still free and queues each one's next K edges below its floor.
+/// still free and queues each one's next K edges below its floor. Like the
+/// first pass, a branch-free pass over each row (score bounds and the
+/// prefilter) comes first; `allowed` confirms only the K best.
 fn refill(
     src: &impl PairSource,
     min_score: f64,
     k: usize,
     batch: &[(u32, Edge)],
     free: &[bool],
-    queue: &mut BinaryHeap<Edge>,
-    floors: &mut BinaryHeap<(Edge, u32)>,
+    queue: &mut SortedQueue<Edge>,
+    floors: &mut SortedQueue<(Edge, u32)>,
 ) {
     let rows: Vec<u32> = batch.iter().map(|&(u, _)| u).collect();
     let cols: Vec<u32> = (0..free.len() as u32)
@@ -665,27 +703,58 @@ fn refill(
         .collect();
     let mut out = vec![0.0f32; rows.len() * cols.len()];
     src.scores(&rows, &cols, &mut out);
+    let mut all_marks = vec![0u8; rows.len() * cols.len()];
+    src.prefilter_block(&rows, &cols, &mut all_marks);
+    let min = min_score_f32(min_score);
+    let mut hits = vec![0u32; cols.len()];
     let mut list = Vec::new();
-    for (&(u, floor), row) in batch.iter().zip(out.chunks_exact(cols.len().max(1))) {
+    let width = cols.len().max(1);
+    for ((&(u, floor), row), marks) in batch
+        .iter()
+        .zip(out.chunks_exact(width))
+        .zip(all_marks.chunks_exact_mut(width))
+    {
+        let top = floor.score;
+        for ((m, &s), &x) in marks.iter_mut().zip(row).zip(&cols) {
+            *m &= u8::from((s >= min) & (s <= top) & (x != u));
+        }
+        let found = marked(marks, &mut hits);
         list.clear();
-        for (&x, &s) in cols.iter().zip(row) {
-            if x == u || s > floor.score || weight(s, min_score).is_none() {
-                continue;
-            }
-            let e = Edge::new(s, u, x);
-            if e < floor && src.allowed(u, x) {
+        for &b in &hits[..found] {
+            let e = Edge::new(row[b as usize], u, cols[b as usize]);
+            if e < floor {
                 list.push(e);
             }
         }
-        if list.len() >= k {
-            list.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-            list.truncate(k);
+        if best_allowed(&mut list, k, |e| src.allowed(e.lo, e.hi)) {
             if let Some(f) = list.iter().min() {
                 floors.push((*f, u));
             }
         }
-        queue.extend(list.iter().copied());
+        for &e in &list {
+            queue.push(e);
+        }
     }
+}
+
+/// Keeps the (up to) `k` best edges of `list` that are `allowed`, checking
+/// the best `k` first: the prefilter leaves only cooldowns to refuse, so
+/// usually nothing else is checked. True when `k` were kept (there may be
+/// more below them).
+fn best_allowed(list: &mut Vec<Edge>, k: usize, allowed: impl Fn(&Edge) -> bool) -> bool {
+    let best_first = |a: &Edge, b: &Edge| b.cmp(a);
+    if list.len() > k {
+        list.select_nth_unstable_by(k - 1, best_first);
+    }
+    let head = list.len().min(k);
+    if !list[..head].iter().all(&allowed) {
+        list.retain(&allowed);
+        if list.len() > k {
+            list.select_nth_unstable_by(k - 1, best_first);
+        }
+    }
+    list.truncate(k);
+    list.len() == k
 }
 
 /// The textbook greedy over the dense graph: every allowed pair scored,
@@ -917,6 +986,22 @@ mod tests {
             expected.sort_unstable();
             radix_sort(&mut keys);
             prop_assert_eq!(keys, expected);
+        }
+
+        #[test]
+        fn the_galloping_search_finds_the_binary_search_s_answer(
+            scores in prop::collection::vec(-4i8..4, 0..300),
+            bound in -5i8..5,
+            lo in 0u32..4,
+        ) {
+            let mut run: Vec<Edge> = scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| Edge::new(f32::from(s), i as u32, 1000))
+                .collect();
+            run.sort_unstable_by(|a, b| b.cmp(a));
+            let bound = Edge::new(f32::from(bound), lo, 1000);
+            prop_assert_eq!(leading_above(&run, bound), run.partition_point(|&e| e > bound));
         }
 
         /// The packed sort key orders edges exactly as `Edge::cmp` (best

@@ -38,6 +38,13 @@ pub trait PairSource {
         let _ = (i, first);
         out.fill(1);
     }
+
+    /// [`prefilter`](Self::prefilter) of every `rows[a]` against every
+    /// `cols[b]` (any order) into `out[a * cols.len() + b]`.
+    fn prefilter_block(&self, rows: &[u32], cols: &[u32], out: &mut [u8]) {
+        let _ = (rows, cols);
+        out.fill(1);
+    }
 }
 
 /// Preferences and cooldowns of one window, compiled.
@@ -123,6 +130,14 @@ impl WindowFilter {
         }
     }
 
+    /// [`PairSource::prefilter_block`].
+    pub fn prefilter_block(&self, rows: &[u32], cols: &[u32], out: &mut [u8]) {
+        match &self.lanes {
+            Some(lanes) => lanes.prefilter_block(rows, cols, out),
+            None => out.fill(1),
+        }
+    }
+
     /// Distinct users who accept each other and are not in cooldown.
     #[inline]
     pub fn allowed(&self, i: u32, j: u32) -> bool {
@@ -130,7 +145,13 @@ impl WindowFilter {
         self.user[a] != self.user[b]
             && self.accepts(a, b)
             && self.accepts(b, a)
-            && (self.blocked.is_empty() || !self.blocked.contains(&(i.min(j), i.max(j))))
+            && !self.in_cooldown(i, j)
+    }
+
+    /// Whether the pair is in cooldown (its preferences aside).
+    #[inline]
+    pub fn in_cooldown(&self, i: u32, j: u32) -> bool {
+        !self.blocked.is_empty() && self.blocked.contains(&(i.min(j), i.max(j)))
     }
 }
 
@@ -188,6 +209,43 @@ impl Lanes {
     /// Exactly "distinct users, each accepting the other" for `i` against
     /// the columns `first..first + out.len()`: 1 or 0 per column.
     pub(crate) fn prefilter(&self, i: usize, first: usize, out: &mut [u8]) {
+        self.scan(self.lane(i), first, out);
+    }
+
+    /// [`Self::prefilter`] of every `rows[a]` against every `cols[b]` into
+    /// `out[a * cols.len() + b]`. The columns are gathered once, so each row
+    /// is the same contiguous, vectorised scan as [`Self::prefilter`].
+    pub(crate) fn prefilter_block(&self, rows: &[u32], cols: &[u32], out: &mut [u8]) {
+        let mut gathered = Lanes::default();
+        for &c in cols {
+            let c = c as usize;
+            gathered.gender_bit.push(self.gender_bit[c]);
+            gathered.wants.push(self.wants[c]);
+            gathered.age.push(self.age[c]);
+            gathered.min_age.push(self.min_age[c]);
+            gathered.age_span.push(self.age_span[c]);
+            gathered.user.push(self.user[c]);
+        }
+        for (&r, out) in rows.iter().zip(out.chunks_exact_mut(cols.len().max(1))) {
+            gathered.scan(self.lane(r as usize), 0, out);
+        }
+    }
+
+    /// Request `i`'s lanes.
+    fn lane(&self, i: usize) -> Lane {
+        Lane {
+            gender_bit: self.gender_bit[i],
+            wants: self.wants[i],
+            age: self.age[i],
+            min_age: self.min_age[i],
+            age_span: self.age_span[i],
+            user: self.user[i],
+        }
+    }
+
+    /// Whether `me` and each of the requests `first..first + out.len()` are
+    /// distinct users who accept each other: 1 or 0 per column.
+    fn scan(&self, me: Lane, first: usize, out: &mut [u8]) {
         let end = first + out.len();
         let (g, w) = (&self.gender_bit[first..end], &self.wants[first..end]);
         let (a, lo, span) = (
@@ -196,23 +254,26 @@ impl Lanes {
             &self.age_span[first..end],
         );
         let u = &self.user[first..end];
-        let (gi, wi, ai, loi, spani, ui) = (
-            self.gender_bit[i],
-            self.wants[i],
-            self.age[i],
-            self.min_age[i],
-            self.age_span[i],
-            self.user[i],
-        );
         for b in 0..out.len() {
-            let ok = (wi & g[b] != 0)
-                & (w[b] & gi != 0)
-                & (a[b].wrapping_sub(loi) <= spani)
-                & (ai.wrapping_sub(lo[b]) <= span[b])
-                & (u[b] != ui);
+            let ok = (me.wants & g[b] != 0)
+                & (w[b] & me.gender_bit != 0)
+                & (a[b].wrapping_sub(me.min_age) <= me.age_span)
+                & (me.age.wrapping_sub(lo[b]) <= span[b])
+                & (u[b] != me.user);
             out[b] = u8::from(ok);
         }
     }
+}
+
+/// One request's lanes (see [`Lanes`]).
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    gender_bit: u32,
+    wants: u32,
+    age: u32,
+    min_age: u32,
+    age_span: u32,
+    user: u32,
 }
 
 /// Where a window's scores come from.
@@ -310,6 +371,10 @@ impl PairSource for WindowPairs<'_> {
     fn prefilter(&self, i: u32, first: usize, out: &mut [u8]) {
         self.filter.prefilter(i, first, out)
     }
+
+    fn prefilter_block(&self, rows: &[u32], cols: &[u32], out: &mut [u8]) {
+        self.filter.prefilter_block(rows, cols, out)
+    }
 }
 
 #[cfg(test)]
@@ -391,6 +456,27 @@ pub(crate) mod tests {
                 f.prefilter(i as u32, first, &mut out);
                 for (b, &o) in out.iter().enumerate() {
                     prop_assert_eq!(o == 1, f.allowed(i as u32, (first + b) as u32));
+                    prop_assert!(o <= 1);
+                }
+            }
+        }
+
+        #[test]
+        fn the_block_prefilter_equals_allowed_without_cooldowns(
+            reqs in prop::collection::vec(arb_request(), 1..12),
+            row_picks in prop::collection::vec(0usize..12, 0..6),
+            col_picks in prop::collection::vec(0usize..12, 0..12),
+        ) {
+            let refs: Vec<&MatchRequest> = reqs.iter().collect();
+            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let pick = |p: &[usize]| -> Vec<u32> { p.iter().map(|&c| (c % reqs.len()) as u32).collect() };
+            let (rows, cols) = (pick(&row_picks), pick(&col_picks));
+            let mut out = vec![7u8; rows.len() * cols.len()];
+            f.prefilter_block(&rows, &cols, &mut out);
+            for (a, &i) in rows.iter().enumerate() {
+                for (b, &j) in cols.iter().enumerate() {
+                    let o = out[a * cols.len() + b];
+                    prop_assert_eq!(o == 1, f.allowed(i, j));
                     prop_assert!(o <= 1);
                 }
             }

@@ -19,8 +19,8 @@
 //! refilled rather than trusted to an index order that differs between the
 //! lists (arrival) and the close (offset). Members that do not take part
 //! (a user's second request, held back) are dropped from the lists; pairs
-//! are confirmed at the close with its filter (cooldowns change while the
-//! window fills, preferences do not — the prescoring checks only those).
+//! are checked at the close against its cooldowns only (they change while
+//! the window fills; preferences do not, and the prescoring checks those).
 //! Scores are bit-identical either way: each is one dot product summed in
 //! feature order, symmetric and independent of its place in the GEMM.
 
@@ -211,6 +211,8 @@ impl OpenWindow {
                 offer_row(&mut self.cands, i, 0, row, marks, &mut hits, min, |_| true);
             }
         }
+        // Here, not at the close: the close only reads the lists.
+        self.cands.cut_long();
         self.scored = n;
         self.scratch = Scratch {
             scores: out,
@@ -220,8 +222,10 @@ impl OpenWindow {
     }
 
     /// The greedy's seeds for the participants (their offsets, in the
-    /// close's index order), after scoring whatever is left; `allowed(p, q)`
-    /// is the close's own check of a pair of participant indices. None when
+    /// close's index order, distinct users), after scoring whatever is left;
+    /// `in_cooldown(p, q)` is the close's cooldown check of a pair of
+    /// participant indices (the lists hold only pairs whose preferences
+    /// match, of distinct users). None when
     /// the window was never prescored, is scored by another scorer than
     /// `scorer`, or a participant is not a member: the close then scores the
     /// window itself.
@@ -230,7 +234,7 @@ impl OpenWindow {
         scorer: BuiltinScorer,
         min: f32,
         participants: &[i64],
-        allowed: impl Fn(u32, u32) -> bool,
+        in_cooldown: impl Fn(u32, u32) -> bool,
     ) -> Option<Seeds> {
         if self.gave_up || self.scored == 0 || scorer != self.scorer {
             return None;
@@ -253,7 +257,7 @@ impl OpenWindow {
                 let q = by_member[other as usize];
                 // An edge in both lists is taken from the lower member's.
                 let twice = other < m && self.cands.holds(other as usize, e);
-                if q != u32::MAX && !twice && allowed(p as u32, q) {
+                if q != u32::MAX && !twice && !in_cooldown(p as u32, q) {
                     seeds.edges.push(Edge::new(e.score, p as u32, q));
                 }
             }
@@ -306,7 +310,7 @@ mod tests {
         let reqs: Vec<&MatchRequest> = participants.iter().map(|o| by_offset[o]).collect();
         let src = pairs(&reqs, scorer);
         let seeds = w.seeds(scorer, min_score_f32(min), participants, |p, q| {
-            src.filter.allowed(p, q)
+            src.filter.in_cooldown(p, q)
         })?;
         Some(greedy_seeded(&src, min, k, seeds))
     }
