@@ -758,9 +758,17 @@ impl PartitionEngine {
     pub fn prescore(&mut self) {
         let min = min_score_f32(self.config.min_score);
         let from = self.config.prescore_from;
+        let (w, newest) = (self.config.window_millis, self.clock.max_event_time);
         for seg in self.segments.values_mut() {
-            for window in seg.prescored.values_mut() {
+            for (&start, window) in seg.prescored.iter_mut() {
                 window.score_new(min, from);
+                // Event time is past the window's end: it closes within the
+                // out-of-order bound and takes only stragglers till then.
+                // Its lists are cut now rather than at the close (cutting
+                // them after every read costs more than the close saves).
+                if newest.is_some_and(|t| t >= start.saturating_add(w)) {
+                    window.cut_lists();
+                }
             }
         }
     }

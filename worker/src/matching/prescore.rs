@@ -211,14 +211,18 @@ impl OpenWindow {
                 offer_row(&mut self.cands, i, 0, row, marks, &mut hits, min, |_| true);
             }
         }
-        // Here, not at the close: the close only reads the lists.
-        self.cands.cut_long();
         self.scored = n;
         self.scratch = Scratch {
             scores: out,
             marks,
             hits,
         };
+    }
+
+    /// Cuts every list down to its best K now, so that the close has
+    /// (nearly) nothing left to sort.
+    pub fn cut_lists(&mut self) {
+        self.cands.cut_long();
     }
 
     /// The greedy's seeds for the participants (their offsets, in the
