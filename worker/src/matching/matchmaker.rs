@@ -11,10 +11,11 @@
 //!   take pairs in order of decreasing score while both sides are free — run
 //!   without ever holding the n × n matrix. Scores are computed in row blocks
 //!   of the upper triangle ([`PairSource::scores`], a batch GEMM) and each
-//!   request keeps only its top-K allowed candidates. The candidate edges go
-//!   into one max-heap. A request whose K candidates were all taken by others
-//!   while it is still free may have unseen edges; all of them are below its
-//!   K-th candidate (its *floor*), so before the heap pops an edge below a
+//!   request keeps only its top-K allowed candidates. The candidate edges are
+//!   sorted once, best first (the edges refills add go to a heap beside
+//!   them). A request whose K candidates were all taken by others while it
+//!   is still free may have unseen edges; all of them are below its K-th
+//!   candidate (its *floor*), so before the queue yields an edge below a
 //!   free request's floor, that request is rescored against the requests
 //!   still free (a *refill*). Hence every pop is the heaviest edge between
 //!   free requests, and the result is exactly the greedy matching of the
