@@ -317,6 +317,13 @@ impl Candidates {
         self.threshold.resize(n, f32::NEG_INFINITY);
     }
 
+    /// The thresholds of requests `0..u` and of `u` itself (see
+    /// [`offer_row`]).
+    #[inline]
+    pub(crate) fn thresholds(&self, u: usize) -> (&[f32], f32) {
+        (&self.threshold[..u], self.threshold[u])
+    }
+
     #[inline]
     pub(crate) fn admits(&self, u: usize, e: Edge) -> bool {
         self.floor[u].is_none_or(|f| e > f)
@@ -619,7 +626,22 @@ pub(crate) fn offer_row(
         *m &= u8::from((s >= min) & ((s >= ti) | (s >= tj)));
     }
     let found = marked(marks, hits);
-    for &b in &hits[..found] {
+    offer_hits(cands, i, first, row, &hits[..found], allowed);
+}
+
+/// The slow path of [`offer_row`] for the columns `hits` (positions in
+/// `row`) that passed the branch-free bounds: each edge goes to whichever
+/// side still admits it, once `allowed(j)` confirms it.
+#[inline]
+pub(crate) fn offer_hits(
+    cands: &mut Candidates,
+    i: usize,
+    first: usize,
+    row: &[f32],
+    hits: &[u32],
+    allowed: impl Fn(usize) -> bool,
+) {
+    for &b in hits {
         let j = first + b as usize;
         let e = Edge::new(row[b as usize], i as u32, j as u32);
         let (to_i, to_j) = (cands.admits(i, e), cands.admits(j, e));
@@ -640,9 +662,11 @@ pub(crate) fn offer_row(
 #[inline]
 fn marked(marks: &[u8], hits: &mut [u32]) -> usize {
     let mut found = 0;
-    for (c, chunk) in marks.chunks(8).enumerate() {
-        let mut word = [0u8; 8];
-        word[..chunk.len()].copy_from_slice(chunk);
+    let chunks = marks.chunks_exact(8);
+    let mut tail = [0u8; 8];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    let words = chunks.map(|c| c.try_into().expect("eight marks"));
+    for (c, word) in words.chain(std::iter::once(tail)).enumerate() {
         let mut bits = u64::from_le_bytes(word);
         while bits != 0 {
             let b = c * 8 + bits.trailing_zeros() as usize / 8;

@@ -231,6 +231,26 @@ impl Lanes {
         }
     }
 
+    /// The columns `0..row.len()` worth offering to request `i` (`row`
+    /// holds its scores against them): distinct users who accept each other,
+    /// scoring at least `min` and at least `i`'s threshold `ti` or the
+    /// column's own `thresholds[b]`. Their positions go to the front of
+    /// `hits` (as long as `row`); returns how many. The prefilter, the
+    /// bounds and the scan for the few percent that pass in one pass: the
+    /// prescoring's hot loop (n²/2 pairs a window).
+    pub(crate) fn offers(
+        &self,
+        i: usize,
+        row: &[f32],
+        thresholds: &[f32],
+        ti: f32,
+        min: f32,
+        hits: &mut [u32],
+    ) -> usize {
+        let bounds = Bounds { ti, min };
+        avx2::offers(self, self.lane(i), row, thresholds, bounds, hits)
+    }
+
     /// Request `i`'s lanes.
     fn lane(&self, i: usize) -> Lane {
         Lane {
@@ -262,6 +282,143 @@ impl Lanes {
                 & (u[b] != me.user);
             out[b] = u8::from(ok);
         }
+    }
+}
+
+/// The score bounds of [`Lanes::offers`].
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    ti: f32,
+    min: f32,
+}
+
+/// Columns [`offers_in`] decides at a time: one bit each in a `u16`.
+const OFFER_CHUNK: usize = 16;
+
+/// [`Lanes::offers`]. Plain Rust on fixed-size chunks that LLVM turns into
+/// vector compares and a mask; `#[inline(always)]` so that [`avx2`]
+/// compiles it with wider vectors.
+#[inline(always)]
+fn offers_in(
+    lanes: &Lanes,
+    me: Lane,
+    row: &[f32],
+    thresholds: &[f32],
+    b: Bounds,
+    hits: &mut [u32],
+) -> usize {
+    let n = row.len();
+    let (thresholds, g, w) = (&thresholds[..n], &lanes.gender_bit[..n], &lanes.wants[..n]);
+    let (a, lo, span, u) = (
+        &lanes.age[..n],
+        &lanes.min_age[..n],
+        &lanes.age_span[..n],
+        &lanes.user[..n],
+    );
+    let passes = |s: f32, t: f32, g: u32, w: u32, a: u32, lo: u32, span: u32, u: u32| {
+        (me.wants & g != 0)
+            & (w & me.gender_bit != 0)
+            & (a.wrapping_sub(me.min_age) <= me.age_span)
+            & (me.age.wrapping_sub(lo) <= span)
+            & (u != me.user)
+            & (s >= b.min)
+            & ((s >= b.ti) | (s >= t))
+    };
+    let mut found = 0;
+    let whole = n - n % OFFER_CHUNK;
+    for c in (0..whole).step_by(OFFER_CHUNK) {
+        let chunk = |v: &[u32]| -> [u32; OFFER_CHUNK] {
+            v[c..c + OFFER_CHUNK].try_into().expect("a whole chunk")
+        };
+        let s: [f32; OFFER_CHUNK] = row[c..c + OFFER_CHUNK].try_into().expect("a whole chunk");
+        let t: [f32; OFFER_CHUNK] = thresholds[c..c + OFFER_CHUNK]
+            .try_into()
+            .expect("a whole chunk");
+        let (g, w, a, lo, span, u) = (
+            chunk(g),
+            chunk(w),
+            chunk(a),
+            chunk(lo),
+            chunk(span),
+            chunk(u),
+        );
+        let mut bits = 0u16;
+        for k in 0..OFFER_CHUNK {
+            bits |= u16::from(passes(s[k], t[k], g[k], w[k], a[k], lo[k], span[k], u[k])) << k;
+        }
+        while bits != 0 {
+            hits[found] = (c + bits.trailing_zeros() as usize) as u32;
+            found += 1;
+            bits &= bits - 1;
+        }
+    }
+    for c in whole..n {
+        if passes(
+            row[c],
+            thresholds[c],
+            g[c],
+            w[c],
+            a[c],
+            lo[c],
+            span[c],
+            u[c],
+        ) {
+            hits[found] = c as u32;
+            found += 1;
+        }
+    }
+    found
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{offers_in, Bounds, Lane, Lanes};
+
+    /// [`offers_in`] compiled with AVX2: eight lanes per compare.
+    #[target_feature(enable = "avx2")]
+    fn offers_avx2(
+        lanes: &Lanes,
+        me: Lane,
+        row: &[f32],
+        thresholds: &[f32],
+        b: Bounds,
+        hits: &mut [u32],
+    ) -> usize {
+        offers_in(lanes, me, row, thresholds, b, hits)
+    }
+
+    #[allow(unsafe_code)]
+    pub(super) fn offers(
+        lanes: &Lanes,
+        me: Lane,
+        row: &[f32],
+        thresholds: &[f32],
+        b: Bounds,
+        hits: &mut [u32],
+    ) -> usize {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: `offers_avx2` only requires the avx2 target feature,
+            // detected on this CPU just above.
+            unsafe { offers_avx2(lanes, me, row, thresholds, b, hits) }
+        } else {
+            offers_in(lanes, me, row, thresholds, b, hits)
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    use super::{offers_in, Bounds, Lane, Lanes};
+
+    pub(super) fn offers(
+        lanes: &Lanes,
+        me: Lane,
+        row: &[f32],
+        thresholds: &[f32],
+        b: Bounds,
+        hits: &mut [u32],
+    ) -> usize {
+        offers_in(lanes, me, row, thresholds, b, hits)
     }
 }
 
@@ -479,6 +636,41 @@ pub(crate) mod tests {
                     prop_assert_eq!(o == 1, f.allowed(i, j));
                     prop_assert!(o <= 1);
                 }
+            }
+        }
+    }
+
+    fn arb_score() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            8 => -1.0f32..1.0,
+            1 => prop::sample::select(vec![f32::NAN, f32::NEG_INFINITY, 0.25, -0.25]),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn offers_are_the_allowed_columns_within_the_bounds(
+            reqs in prop::collection::vec(arb_request(), 1..48),
+            scores in prop::collection::vec(arb_score(), 48),
+            thresholds in prop::collection::vec(arb_score(), 48),
+            ti in arb_score(),
+            min in prop::sample::select(vec![f32::NEG_INFINITY, -0.5, 0.0, 0.25]),
+        ) {
+            let refs: Vec<&MatchRequest> = reqs.iter().collect();
+            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let lanes = f.lanes.as_ref().expect("four genders fit the lanes");
+            let mut hits = vec![u32::MAX; reqs.len()];
+            for i in 0..reqs.len() {
+                let (row, th) = (&scores[..i], &thresholds[..i]);
+                let found = lanes.offers(i, row, th, ti, min, &mut hits);
+                let want: Vec<u32> = (0..i)
+                    .filter(|&j| {
+                        let s = row[j];
+                        f.allowed(i as u32, j as u32) && s >= min && (s >= ti || s >= th[j])
+                    })
+                    .map(|j| j as u32)
+                    .collect();
+                prop_assert_eq!(&hits[..found], &want[..]);
             }
         }
     }

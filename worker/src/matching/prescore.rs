@@ -28,7 +28,7 @@ use matchfleet_api::match_pipeline::BuiltinScorer;
 use matchfleet_api::matching::MatchRequest;
 
 use super::hash::FastMap;
-use super::matchmaker::{offer_row, Candidates, Edge, Seeds, BLOCK_ROWS};
+use super::matchmaker::{offer_hits, Candidates, Edge, Seeds, BLOCK_ROWS};
 use super::pairing::{builtin_scores, Lanes};
 use super::score::{normalize_row, score_packed, FeatureMatrix, PackedColumns};
 
@@ -69,7 +69,6 @@ pub struct OpenWindow {
 #[derive(Debug, Clone, Default)]
 struct Scratch {
     scores: Vec<f32>,
-    marks: Vec<u8>,
     hits: Vec<u32>,
 }
 
@@ -182,12 +181,10 @@ impl OpenWindow {
         let d = self.dim;
         let Scratch {
             scores: mut out,
-            mut marks,
             mut hits,
         } = std::mem::take(&mut self.scratch);
         // Every mark is written by the prefilter before it is read, every
         // hit by the scan before it is used.
-        marks.resize(n, 0);
         hits.resize(n, 0);
         for r0 in (self.scored..n).step_by(BLOCK_ROWS) {
             let r1 = (r0 + BLOCK_ROWS).min(n);
@@ -205,18 +202,14 @@ impl OpenWindow {
                 // Against the members before it: each pair once.
                 let i = r0 + a;
                 let row = &row[..i];
-                let marks = &mut marks[..i];
-                self.lanes.prefilter(i, 0, marks);
+                let (thresholds, ti) = self.cands.thresholds(i);
+                let found = self.lanes.offers(i, row, thresholds, ti, min, &mut hits);
                 // The lanes are exact for preferences and users.
-                offer_row(&mut self.cands, i, 0, row, marks, &mut hits, min, |_| true);
+                offer_hits(&mut self.cands, i, 0, row, &hits[..found], |_| true);
             }
         }
         self.scored = n;
-        self.scratch = Scratch {
-            scores: out,
-            marks,
-            hits,
-        };
+        self.scratch = Scratch { scores: out, hits };
     }
 
     /// Cuts every list down to its best K now, so that the close has
