@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+mod request_json;
+
 /// A user asking to be matched. Kafka key: the segment (so a segment lives
 /// on one partition and every window is complete on its owner).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -91,8 +93,10 @@ pub fn parse_request(
     let payload = payload
         .filter(|p| !p.is_empty())
         .ok_or(InvalidRequest::Empty)?;
-    let request: MatchRequest =
-        serde_json::from_slice(payload).map_err(|e| InvalidRequest::Json(e.to_string()))?;
+    let request: MatchRequest = match request_json::read(payload) {
+        Some(request) => request,
+        None => serde_json::from_slice(payload).map_err(|e| InvalidRequest::Json(e.to_string()))?,
+    };
     request.validate(dimension)?;
     if let Some(key) = key {
         let key = String::from_utf8_lossy(key);
