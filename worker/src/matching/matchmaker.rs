@@ -103,10 +103,20 @@ impl Edge {
     /// several times cheaper than sorting edges with `cmp`, and the greedy
     /// sorts n · K of them per window.
     fn sort_key(self) -> u64 {
-        // `f32::total_cmp`'s order as an unsigned integer, then flipped.
-        let bits = self.score.to_bits() as i32;
-        let ordered = (bits ^ ((((bits >> 31) as u32) >> 1) as i32)) as u32 ^ 0x8000_0000;
-        (u64::from(!ordered) << 32) | (u64::from(self.lo) << 16) | u64::from(self.hi)
+        (u64::from(!ordered_bits(self.score)) << 32)
+            | (u64::from(self.lo) << 16)
+            | u64::from(self.hi)
+    }
+
+    /// The edge's rank among the edges of request `u` (one of its ends) as
+    /// one integer, greater for a greater edge: the score, then the other
+    /// end, lower first — [`Ord`]'s order for edges sharing `u`, for any
+    /// window size. Selection compares these instead of branching on
+    /// `total_cmp` and two tie-breaks.
+    #[inline]
+    fn rank_at(self, u: u32) -> u64 {
+        let other = self.lo ^ self.hi ^ u;
+        (u64::from(ordered_bits(self.score)) << 32) | u64::from(!other)
     }
 
     /// The greatest edge of score `score`: every edge of that score or
@@ -265,6 +275,13 @@ pub fn exact(src: &impl PairSource, min_score: f64) -> Vec<Pair> {
     pairs
 }
 
+/// `f32::total_cmp`'s order as an unsigned integer.
+#[inline]
+fn ordered_bits(score: f32) -> u32 {
+    let bits = score.to_bits() as i32;
+    (bits ^ ((((bits >> 31) as u32) >> 1) as i32)) as u32 ^ 0x8000_0000
+}
+
 /// Every request's best K edges in one flat buffer of 2K slots per request.
 /// An edge above the request's floor is appended; a full buffer is cut to
 /// its best K by linear-time selection, which raises the floor. Appends are
@@ -345,7 +362,7 @@ impl Candidates {
         let l = self.len[u] as usize;
         let s = &mut self.slots[u * 2 * k..u * 2 * k + l];
         if l > k {
-            s.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+            s.select_nth_unstable_by_key(k - 1, |e| std::cmp::Reverse(e.rank_at(u as u32)));
             self.len[u] = k as u32;
         }
         if l >= k {
@@ -643,8 +660,19 @@ pub(crate) fn offer_hits(
 ) {
     for &b in hits {
         let j = first + b as usize;
-        let e = Edge::new(row[b as usize], i as u32, j as u32);
-        let (to_i, to_j) = (cands.admits(i, e), cands.admits(j, e));
+        let s = row[b as usize];
+        let e = Edge::new(s, i as u32, j as u32);
+        // A score above a side's threshold is above its floor; only a tie
+        // needs the edge order. (Both callers keep NaN out of `hits`.)
+        let admits = |u: usize| {
+            let t = cands.threshold[u];
+            if s == t {
+                cands.admits(u, e)
+            } else {
+                s > t
+            }
+        };
+        let (to_i, to_j) = (admits(i), admits(j));
         if (to_i || to_j) && allowed(j) {
             if to_i {
                 cands.push(i, e);
@@ -1045,6 +1073,25 @@ mod tests {
             by_cmp.sort_unstable_by(|a, b| b.cmp(a));
             let bits = |v: &[Edge]| v.iter().map(|e| (e.score.to_bits(), e.lo, e.hi)).collect::<Vec<_>>();
             prop_assert_eq!(bits(&by_key), bits(&by_cmp));
+        }
+
+        /// Among the edges of one request, `rank_at` orders exactly as
+        /// `Edge::cmp`, whatever the window's size.
+        #[test]
+        fn ranks_at_a_request_order_its_edges_like_cmp(
+            u in any::<u32>(),
+            raw in prop::collection::vec((prop_oneof![any::<u32>(), Just(0x3f00_0000u32), Just(0x8000_0000)], any::<u32>()), 0..100),
+        ) {
+            let edges: Vec<Edge> = raw
+                .iter()
+                .filter(|&&(_, v)| v != u)
+                .map(|&(bits, v)| Edge::new(f32::from_bits(bits), u, v))
+                .collect();
+            for a in &edges {
+                for b in &edges {
+                    prop_assert_eq!(a.rank_at(u).cmp(&b.rank_at(u)), a.cmp(b), "{:?} / {:?}", a, b);
+                }
+            }
         }
     }
 }

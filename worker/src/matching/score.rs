@@ -391,7 +391,12 @@ fn block<const R: usize, const FMA: bool>(
         let c0 = p * NR;
         let w = (m - c0).min(NR);
         for (r, acc_row) in acc.iter().enumerate() {
-            out_rows[r * m + c0..r * m + c0 + w].copy_from_slice(&acc_row[..w]);
+            let dst = &mut out_rows[r * m + c0..r * m + c0 + w];
+            match <&mut [f32; NR]>::try_from(dst) {
+                // Whole panels as a fixed-size store, not a memcpy call each.
+                Ok(whole) => *whole = *acc_row,
+                Err(_) => out_rows[r * m + c0..r * m + c0 + w].copy_from_slice(&acc_row[..w]),
+            }
         }
     }
 }
