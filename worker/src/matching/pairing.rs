@@ -231,23 +231,25 @@ impl Lanes {
         }
     }
 
-    /// The columns `0..row.len()` worth offering to request `i` (`row`
-    /// holds its scores against them): distinct users who accept each other,
-    /// scoring at least `min` and at least `i`'s threshold `ti` or the
-    /// column's own `thresholds[b]`. Their positions go to the front of
-    /// `hits` (as long as `row`); returns how many. The prefilter, the
+    /// The columns `first..first + row.len()` worth offering to request `i`
+    /// (`row` holds its scores against them): distinct users who accept each
+    /// other, scoring at least `min` and at least `i`'s threshold `ti` or the
+    /// column's own `thresholds[b]`. Their positions in `row` go to the
+    /// front of `hits` (as long as `row`); returns how many. The prefilter, the
     /// bounds and the scan for the few percent that pass in one pass: the
     /// prescoring's hot loop (n²/2 pairs a window).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn offers(
         &self,
         i: usize,
+        first: usize,
         row: &[f32],
         thresholds: &[f32],
         ti: f32,
         min: f32,
         hits: &mut [u32],
     ) -> usize {
-        let bounds = Bounds { ti, min };
+        let bounds = Bounds { ti, min, first };
         avx2::offers(self, self.lane(i), row, thresholds, bounds, hits)
     }
 
@@ -285,11 +287,12 @@ impl Lanes {
     }
 }
 
-/// The score bounds of [`Lanes::offers`].
+/// The score bounds and the first column of [`Lanes::offers`].
 #[derive(Debug, Clone, Copy)]
 struct Bounds {
     ti: f32,
     min: f32,
+    first: usize,
 }
 
 /// Columns [`offers_in`] decides at a time: one bit each in a `u16`.
@@ -308,12 +311,17 @@ fn offers_in(
     hits: &mut [u32],
 ) -> usize {
     let n = row.len();
-    let (thresholds, g, w) = (&thresholds[..n], &lanes.gender_bit[..n], &lanes.wants[..n]);
+    let cols = b.first..b.first + n;
+    let (thresholds, g, w) = (
+        &thresholds[..n],
+        &lanes.gender_bit[cols.clone()],
+        &lanes.wants[cols.clone()],
+    );
     let (a, lo, span, u) = (
-        &lanes.age[..n],
-        &lanes.min_age[..n],
-        &lanes.age_span[..n],
-        &lanes.user[..n],
+        &lanes.age[cols.clone()],
+        &lanes.min_age[cols.clone()],
+        &lanes.age_span[cols.clone()],
+        &lanes.user[cols],
     );
     let passes = |s: f32, t: f32, g: u32, w: u32, a: u32, lo: u32, span: u32, u: u32| {
         (me.wants & g != 0)
@@ -662,15 +670,17 @@ pub(crate) mod tests {
             let mut hits = vec![u32::MAX; reqs.len()];
             for i in 0..reqs.len() {
                 let (row, th) = (&scores[..i], &thresholds[..i]);
-                let found = lanes.offers(i, row, th, ti, min, &mut hits);
-                let want: Vec<u32> = (0..i)
-                    .filter(|&j| {
-                        let s = row[j];
-                        f.allowed(i as u32, j as u32) && s >= min && (s >= ti || s >= th[j])
-                    })
-                    .map(|j| j as u32)
-                    .collect();
-                prop_assert_eq!(&hits[..found], &want[..]);
+                for first in [0, i / 3] {
+                    let found = lanes.offers(i, first, &row[first..], &th[first..], ti, min, &mut hits);
+                    let want: Vec<u32> = (first..i)
+                        .filter(|&j| {
+                            let s = row[j];
+                            f.allowed(i as u32, j as u32) && s >= min && (s >= ti || s >= th[j])
+                        })
+                        .map(|j| (j - first) as u32)
+                        .collect();
+                    prop_assert_eq!(&hits[..found], &want[..]);
+                }
             }
         }
     }

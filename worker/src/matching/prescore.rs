@@ -37,6 +37,9 @@ use super::score::{normalize_row, score_packed, FeatureMatrix, PackedColumns};
 /// lists (2·K edges each).
 pub const PRESCORE_FROM: usize = 256;
 
+/// Columns of a row offered at a time (see `score_new`).
+const ROW_PIECE: usize = 256;
+
 /// Gender ids the prefilter's 32-bit lanes hold; a window with more distinct
 /// genders (profiles and preferences) is scored at its close instead.
 const MAX_GENDERS: usize = 32;
@@ -202,10 +205,19 @@ impl OpenWindow {
                 // Against the members before it: each pair once.
                 let i = r0 + a;
                 let row = &row[..i];
-                let (thresholds, ti) = self.cands.thresholds(i);
-                let found = self.lanes.offers(i, row, thresholds, ti, min, &mut hits);
-                // The lanes are exact for preferences and users.
-                offer_hits(&mut self.cands, i, 0, row, &hits[..found], |_| true);
+                // A member's own list is empty when its row comes: a row in
+                // one piece would offer it every allowed column. In pieces,
+                // its threshold rises after the first and filters the rest.
+                for first in (0..i).step_by(ROW_PIECE) {
+                    let piece = &row[first..(first + ROW_PIECE).min(i)];
+                    let (thresholds, ti) = self.cands.thresholds(i);
+                    let thresholds = &thresholds[first..first + piece.len()];
+                    let found = self
+                        .lanes
+                        .offers(i, first, piece, thresholds, ti, min, &mut hits);
+                    // The lanes are exact for preferences and users.
+                    offer_hits(&mut self.cands, i, first, piece, &hits[..found], |_| true);
+                }
             }
         }
         self.scored = n;
