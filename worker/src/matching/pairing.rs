@@ -249,8 +249,12 @@ impl Lanes {
         min: f32,
         hits: &mut [u32],
     ) -> usize {
-        let bounds = Bounds { ti, min, first };
-        avx2::offers(self, self.lane(i), row, thresholds, bounds, hits)
+        let (me, b) = (self.lane(i), Bounds { ti, min, first });
+        #[cfg(target_arch = "x86_64")]
+        if let Some(found) = avx2::offers(self, me, row, thresholds, b, hits) {
+            return found;
+        }
+        offers_in(self, me, row, thresholds, b, hits)
     }
 
     /// Request `i`'s lanes.
@@ -395,6 +399,7 @@ mod avx2 {
         offers_in(lanes, me, row, thresholds, b, hits)
     }
 
+    /// [`offers_avx2`] where the CPU has AVX2; None elsewhere.
     #[allow(unsafe_code)]
     pub(super) fn offers(
         lanes: &Lanes,
@@ -403,30 +408,11 @@ mod avx2 {
         thresholds: &[f32],
         b: Bounds,
         hits: &mut [u32],
-    ) -> usize {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: `offers_avx2` only requires the avx2 target feature,
-            // detected on this CPU just above.
-            unsafe { offers_avx2(lanes, me, row, thresholds, b, hits) }
-        } else {
-            offers_in(lanes, me, row, thresholds, b, hits)
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod avx2 {
-    use super::{offers_in, Bounds, Lane, Lanes};
-
-    pub(super) fn offers(
-        lanes: &Lanes,
-        me: Lane,
-        row: &[f32],
-        thresholds: &[f32],
-        b: Bounds,
-        hits: &mut [u32],
-    ) -> usize {
-        offers_in(lanes, me, row, thresholds, b, hits)
+    ) -> Option<usize> {
+        // SAFETY: `offers_avx2` only requires the avx2 target feature,
+        // detected on this CPU first.
+        std::is_x86_feature_detected!("avx2")
+            .then(|| unsafe { offers_avx2(lanes, me, row, thresholds, b, hits) })
     }
 }
 

@@ -326,7 +326,7 @@ mod avx2 {
         super::gemm::<true>(a, packed, m, out)
     }
 
-    /// The crate's only `unsafe`: calling the target-feature function.
+    /// Calls the target-feature function where the CPU has what it needs.
     #[allow(unsafe_code)]
     pub(super) fn run(a: &FeatureMatrix, packed: &[f32], m: usize, out: &mut [f32]) {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
