@@ -21,7 +21,7 @@ use crate::workload::Workload;
 use crate::Settings;
 
 /// The worker binary cargo built for this very profile.
-const WORKER_EXE: &str = env!("CARGO_BIN_EXE_matchfleet-worker");
+pub const WORKER_EXE: &str = env!("CARGO_BIN_EXE_matchfleet-worker");
 /// How often the live phase samples the committed lag.
 const LAG_SAMPLE: Duration = Duration::from_millis(250);
 /// After the last request, results may wait for the idle close and for
@@ -85,8 +85,12 @@ pub struct FleetDetail {
 
 impl Fleet {
     pub async fn start(s: &Settings, dir: &Path, broker: Option<u32>) -> anyhow::Result<Fleet> {
-        if !Path::new(WORKER_EXE).exists() {
-            anyhow::bail!("{WORKER_EXE} is missing: cargo build --release -p matchfleet-worker");
+        let exe = Path::new(&s.worker_exe);
+        if !exe.exists() {
+            anyhow::bail!(
+                "{} is missing: cargo build --release -p matchfleet-worker (or fix BENCH_WORKER_EXE)",
+                s.worker_exe
+            );
         }
         let (progress_port, health_port, http_port) = (
             system::free_port()?,
@@ -101,7 +105,6 @@ impl Fleet {
             .timeout(Duration::from_secs(10))
             .build()?;
         let mut children = Children::default();
-        let exe = Path::new(WORKER_EXE);
 
         // Not pinned: it inherits the bench's cores, off the worker's.
         let progress_pid = system::spawn_pinned(

@@ -33,7 +33,10 @@
 //! BENCH_WARM_UP_SECONDS (30: sequential transactions that warm the broker's
 //! JIT before anything is measured);
 //! BENCH_MOVE_BROKER (1: a local broker allowed on the worker's core is
-//! moved off it for the run and put back after; 0 leaves it); BENCH_KEEP_LOGS (set: keep the children's logs, and say where).
+//! moved off it for the run and put back after; 0 leaves it); BENCH_KEEP_LOGS (set: keep the children's logs, and say where);
+//! BENCH_WORKER_EXE (another `matchfleet-worker` binary for the fleet: an
+//! A/B of two builds in one hour with one bench binary, on a machine whose
+//! speed drifts between hours).
 //! Results and their reading: BENCHMARKS.md.
 
 mod baseline;
@@ -81,6 +84,9 @@ pub struct Settings {
     pub warm_up_seconds: f64,
     /// Unique per run: topics, groups and transactional ids carry it.
     pub run_id: String,
+    /// The `matchfleet-worker` binary the fleet runs: this build's, or
+    /// BENCH_WORKER_EXE's (an A/B of two builds with one bench binary).
+    pub worker_exe: String,
 }
 
 impl Settings {
@@ -111,6 +117,8 @@ impl Settings {
             move_broker: num("BENCH_MOVE_BROKER", 1u8)? != 0,
             warm_up_seconds: num("BENCH_WARM_UP_SECONDS", 30.0)?,
             run_id: format!("{}-{millis}", std::process::id()),
+            worker_exe: std::env::var("BENCH_WORKER_EXE")
+                .unwrap_or_else(|_| fleet::WORKER_EXE.to_string()),
         };
         if !(s.warm_up_seconds >= 0.0 && s.warm_up_seconds.is_finite()) {
             bail!("BENCH_WARM_UP_SECONDS must be a number of seconds >= 0");

@@ -194,6 +194,9 @@ pub fn print(r: &Report<'_>) {
         m.bench_cpus,
         m.broker_cpus.as_deref().unwrap_or("? (broker process not found)")
     );
+    if s.worker_exe != crate::fleet::WORKER_EXE {
+        println!("worker binary: {} (BENCH_WORKER_EXE)", s.worker_exe);
+    }
     let per_window =
         s.rate * f64::from(s.window_millis) / 1000.0 * r.produced.largest_segment_share;
     println!(
