@@ -281,12 +281,14 @@ impl Lanes {
         );
         let u = &self.user[first..end];
         for b in 0..out.len() {
-            let ok = (me.wants & g[b] != 0)
-                & (w[b] & me.gender_bit != 0)
-                & (a[b].wrapping_sub(me.min_age) <= me.age_span)
-                & (me.age.wrapping_sub(lo[b]) <= span[b])
-                & (u[b] != me.user);
-            out[b] = u8::from(ok);
+            out[b] = u8::from(me.mutual(Lane {
+                gender_bit: g[b],
+                wants: w[b],
+                age: a[b],
+                min_age: lo[b],
+                age_span: span[b],
+                user: u[b],
+            }));
         }
     }
 }
@@ -328,13 +330,15 @@ fn offers_in(
         &lanes.user[cols],
     );
     let passes = |s: f32, t: f32, g: u32, w: u32, a: u32, lo: u32, span: u32, u: u32| {
-        (me.wants & g != 0)
-            & (w & me.gender_bit != 0)
-            & (a.wrapping_sub(me.min_age) <= me.age_span)
-            & (me.age.wrapping_sub(lo) <= span)
-            & (u != me.user)
-            & (s >= b.min)
-            & ((s >= b.ti) | (s >= t))
+        let other = Lane {
+            gender_bit: g,
+            wants: w,
+            age: a,
+            min_age: lo,
+            age_span: span,
+            user: u,
+        };
+        me.mutual(other) & (s >= b.min) & ((s >= b.ti) | (s >= t))
     };
     let mut found = 0;
     let whole = n - n % OFFER_CHUNK;
@@ -425,6 +429,19 @@ struct Lane {
     min_age: u32,
     age_span: u32,
     user: u32,
+}
+
+impl Lane {
+    /// Distinct users, each accepting the other: branch-free, so the scans
+    /// that call it per column vectorise.
+    #[inline(always)]
+    fn mutual(self, o: Lane) -> bool {
+        (self.wants & o.gender_bit != 0)
+            & (o.wants & self.gender_bit != 0)
+            & (o.age.wrapping_sub(self.min_age) <= self.age_span)
+            & (self.age.wrapping_sub(o.min_age) <= o.age_span)
+            & (o.user != self.user)
+    }
 }
 
 /// Where a window's scores come from.

@@ -186,8 +186,7 @@ impl OpenWindow {
             scores: mut out,
             mut hits,
         } = std::mem::take(&mut self.scratch);
-        // Every mark is written by the prefilter before it is read, every
-        // hit by the scan before it is used.
+        // Every hit is written by the scan before it is used.
         hits.resize(n, 0);
         for r0 in (self.scored..n).step_by(BLOCK_ROWS) {
             let r1 = (r0 + BLOCK_ROWS).min(n);

@@ -392,10 +392,10 @@ fn block<const R: usize, const FMA: bool>(
         let w = (m - c0).min(NR);
         for (r, acc_row) in acc.iter().enumerate() {
             let dst = &mut out_rows[r * m + c0..r * m + c0 + w];
-            match <&mut [f32; NR]>::try_from(dst) {
-                // Whole panels as a fixed-size store, not a memcpy call each.
+            // Whole panels as a fixed-size store, not a memcpy call each.
+            match <&mut [f32; NR]>::try_from(&mut *dst) {
                 Ok(whole) => *whole = *acc_row,
-                Err(_) => out_rows[r * m + c0..r * m + c0 + w].copy_from_slice(&acc_row[..w]),
+                Err(_) => dst.copy_from_slice(&acc_row[..w]),
             }
         }
     }
