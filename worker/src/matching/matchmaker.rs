@@ -738,9 +738,12 @@ pub(crate) fn min_score_f32(min: f64) -> f32 {
 }
 
 /// Rescores `batch` (free requests with their floors) against the requests
-/// still free and queues each one's next K edges below its floor. Like the
-/// first pass, a branch-free pass over each row (score bounds and the
-/// prefilter) comes first; `allowed` confirms only the K best.
+/// still free and queues each one's next K edges below its floor. The batch
+/// is rescored a kinship group at a time, each against the free requests
+/// it can reach ([`PairSource::reachable`]): late in a window the requests
+/// still free are mostly ones nobody in the batch accepts (the surplus of
+/// one gender looking for the other, say), and scoring them was most of a
+/// refill's work.
 fn refill(
     src: &impl PairSource,
     min_score: f64,
@@ -750,25 +753,46 @@ fn refill(
     queue: &mut SortedQueue<Edge>,
     floors: &mut SortedQueue<(Edge, u32)>,
 ) {
-    let rows: Vec<u32> = batch.iter().map(|&(u, _)| u).collect();
-    let cols: Vec<u32> = (0..free.len() as u32)
-        .filter(|&x| free[x as usize])
+    let mut batch: Vec<(u64, u32, Edge)> = batch
+        .iter()
+        .map(|&(u, floor)| (src.kinship(u), u, floor))
         .collect();
+    batch.sort_unstable_by_key(|&(kin, u, _)| (kin, u));
+    let mut cols = Vec::new();
+    for group in batch.chunk_by(|a, b| a.0 == b.0) {
+        let rows: Vec<u32> = group.iter().map(|&(_, u, _)| u).collect();
+        let floors_of: Vec<Edge> = group.iter().map(|&(_, _, f)| f).collect();
+        src.reachable(&rows, free, &mut cols);
+        refill_rows(src, min_score, k, (&rows, &floors_of), &cols, queue, floors);
+    }
+}
+
+/// [`refill`] of `rows` (with their floors) against the columns `cols`.
+fn refill_rows(
+    src: &impl PairSource,
+    min_score: f64,
+    k: usize,
+    (rows, row_floors): (&[u32], &[Edge]),
+    cols: &[u32],
+    queue: &mut SortedQueue<Edge>,
+    floors: &mut SortedQueue<(Edge, u32)>,
+) {
     let mut out = vec![0.0f32; rows.len() * cols.len()];
-    src.scores(&rows, &cols, &mut out);
+    src.scores(rows, cols, &mut out);
     let mut all_marks = vec![0u8; rows.len() * cols.len()];
-    src.prefilter_block(&rows, &cols, &mut all_marks);
+    src.prefilter_block(rows, cols, &mut all_marks);
     let min = min_score_f32(min_score);
     let mut hits = vec![0u32; cols.len()];
     let mut list = Vec::new();
     let width = cols.len().max(1);
-    for ((&(u, floor), row), marks) in batch
+    for (((&u, &floor), row), marks) in rows
         .iter()
+        .zip(row_floors)
         .zip(out.chunks_exact(width))
         .zip(all_marks.chunks_exact_mut(width))
     {
         let top = floor.score;
-        for ((m, &s), &x) in marks.iter_mut().zip(row).zip(&cols) {
+        for ((m, &s), &x) in marks.iter_mut().zip(row).zip(cols) {
             *m &= u8::from((s >= min) & (s <= top) & (x != u));
         }
         let found = marked(marks, &mut hits);

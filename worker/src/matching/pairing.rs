@@ -45,6 +45,23 @@ pub trait PairSource {
         let _ = (rows, cols);
         out.fill(1);
     }
+
+    /// Requests with equal kinship accept, and are accepted by, the same
+    /// kinds of partner, so the columns [`reachable`](Self::reachable) gives
+    /// for a group of them fit each one closely.
+    fn kinship(&self, i: u32) -> u64 {
+        let _ = i;
+        0
+    }
+
+    /// The requests `x` with `free[x]`, ascending, into `out`: at least every
+    /// one of them [`allowed`](Self::allowed) with some of `rows` (all, by
+    /// default). A refill scores its rows against these only.
+    fn reachable(&self, rows: &[u32], free: &[bool], out: &mut Vec<u32>) {
+        let _ = rows;
+        out.clear();
+        out.extend((0..free.len() as u32).filter(|&x| free[x as usize]));
+    }
 }
 
 /// Preferences and cooldowns of one window, compiled.
@@ -135,6 +152,33 @@ impl WindowFilter {
         match &self.lanes {
             Some(lanes) => lanes.prefilter_block(rows, cols, out),
             None => out.fill(1),
+        }
+    }
+
+    /// [`PairSource::kinship`]: the gender and the genders accepted.
+    pub fn kinship(&self, i: u32) -> u64 {
+        let i = i as usize;
+        match &self.lanes {
+            Some(lanes) => (u64::from(lanes.gender_bit[i]) << 32) | u64::from(lanes.wants[i]),
+            None => 0,
+        }
+    }
+
+    /// [`PairSource::reachable`]: the free requests whose gender and age
+    /// some of `rows` accept and who accept the gender and age of some of
+    /// `rows` (every free one when the window has no lanes).
+    pub fn reachable(&self, rows: &[u32], free: &[bool], out: &mut Vec<u32>) {
+        out.clear();
+        let free = (0..free.len() as u32).filter(|&x| free[x as usize]);
+        match self
+            .lanes
+            .as_ref()
+            .and_then(|l| Some((l, Reach::of(l, rows)?)))
+        {
+            Some((lanes, reach)) => {
+                out.extend(free.filter(|&x| reach.touches(lanes.lane(x as usize))))
+            }
+            None => out.extend(free),
         }
     }
 
@@ -420,6 +464,53 @@ mod avx2 {
     }
 }
 
+/// What a group of requests accepts and offers, as one envelope: a request
+/// that one of them accepts, and that accepts it back, is inside it.
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    /// Genders any of them accepts; their genders.
+    wants: u32,
+    genders: u32,
+    /// The ages any of them accepts, and their own ages (inclusive).
+    accepted: (u32, u32),
+    ages: (u32, u32),
+}
+
+impl Reach {
+    fn of(lanes: &Lanes, rows: &[u32]) -> Option<Self> {
+        let mut rows = rows.iter().map(|&r| lanes.lane(r as usize));
+        let first = rows.next()?;
+        let one = |l: Lane| Reach {
+            wants: l.wants,
+            genders: l.gender_bit,
+            accepted: (l.min_age, l.min_age + l.age_span),
+            ages: (l.age, l.age),
+        };
+        Some(rows.fold(one(first), |r, l| {
+            let o = one(l);
+            Reach {
+                wants: r.wants | o.wants,
+                genders: r.genders | o.genders,
+                accepted: (
+                    r.accepted.0.min(o.accepted.0),
+                    r.accepted.1.max(o.accepted.1),
+                ),
+                ages: (r.ages.0.min(o.ages.0), r.ages.1.max(o.ages.1)),
+            }
+        }))
+    }
+
+    /// Whether `o` may be mutual with one of the group: [`Lane::mutual`]
+    /// against the envelope, so never false where that is true for a member.
+    fn touches(self, o: Lane) -> bool {
+        (self.wants & o.gender_bit != 0)
+            && (o.wants & self.genders != 0)
+            && (self.accepted.0..=self.accepted.1).contains(&o.age)
+            && o.min_age <= self.ages.1
+            && o.min_age + o.age_span >= self.ages.0
+    }
+}
+
 /// One request's lanes (see [`Lanes`]).
 #[derive(Debug, Clone, Copy)]
 struct Lane {
@@ -542,6 +633,14 @@ impl PairSource for WindowPairs<'_> {
 
     fn prefilter_block(&self, rows: &[u32], cols: &[u32], out: &mut [u8]) {
         self.filter.prefilter_block(rows, cols, out)
+    }
+
+    fn kinship(&self, i: u32) -> u64 {
+        self.filter.kinship(i)
+    }
+
+    fn reachable(&self, rows: &[u32], free: &[bool], out: &mut Vec<u32>) {
+        self.filter.reachable(rows, free, out)
     }
 }
 
@@ -686,6 +785,80 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn reachable_columns_cover_every_allowed_partner_of_the_rows(
+            reqs in prop::collection::vec(arb_request(), 1..14),
+            row_picks in prop::collection::vec(0usize..14, 0..5),
+            free in prop::collection::vec(any::<bool>(), 14),
+        ) {
+            let refs: Vec<&MatchRequest> = reqs.iter().collect();
+            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let rows: Vec<u32> = row_picks.iter().map(|&r| (r % reqs.len()) as u32).collect();
+            let free = &free[..reqs.len()];
+            let mut out = vec![99];
+            f.reachable(&rows, free, &mut out);
+            prop_assert!(out.windows(2).all(|w| w[0] < w[1]), "ascending, each once");
+            prop_assert!(out.iter().all(|&x| free[x as usize]), "free only");
+            for x in (0..reqs.len() as u32).filter(|&x| free[x as usize]) {
+                if rows.iter().any(|&r| f.allowed(r, x)) {
+                    prop_assert!(out.contains(&x), "{x} is allowed with a row but left out");
+                }
+            }
+        }
+
+        /// Refills score kinship groups against their reachable columns;
+        /// the matching must stay the textbook greedy's. Few candidates per
+        /// request, so most requests run out and are refilled.
+        #[test]
+        fn the_greedy_on_a_window_with_preferences_is_the_dense_greedy(
+            reqs in prop::collection::vec(arb_request(), 2..60),
+            angles in prop::collection::vec(0.0f32..6.3, 60),
+            k in 1usize..4,
+        ) {
+            let mut reqs = reqs;
+            for (i, (r, a)) in reqs.iter_mut().zip(&angles).enumerate() {
+                r.user = format!("u{i}");
+                r.vector = vec![a.cos(), a.sin()];
+            }
+            let refs: Vec<&MatchRequest> = reqs.iter().collect();
+            let data: Vec<f32> = reqs.iter().flat_map(|r| r.vector.clone()).collect();
+            let pairs = WindowPairs {
+                filter: WindowFilter::new(&refs, &CooldownBook::default(), 0),
+                scores: Scores::builtin(FeatureMatrix::from_vec(data, 2).unwrap(), BuiltinScorer::Cosine),
+                len: reqs.len(),
+            };
+            let sparse = crate::matching::matchmaker::greedy(&pairs, -1.0, k);
+            prop_assert_eq!(sparse, crate::matching::matchmaker::greedy_dense(&pairs, -1.0));
+        }
+    }
+
+    #[test]
+    fn reachable_columns_leave_out_who_nobody_in_the_rows_accepts() {
+        let reqs = [
+            request("r0", "a", "m", 30, &["f"], 25, 35),
+            request("r1", "b", "m", 31, &["f"], 25, 35),
+            request("r2", "c", "f", 30, &["m"], 25, 35),
+            request("r3", "d", "f", 30, &["f"], 25, 35),
+            request("r4", "e", "f", 40, &["m"], 25, 35),
+            request("r5", "g", "f", 30, &["m"], 35, 45),
+            request("r6", "h", "f", 28, &["m"], 18, 99),
+        ];
+        let refs: Vec<&MatchRequest> = reqs.iter().collect();
+        let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+        assert_eq!(f.kinship(0), f.kinship(1));
+        assert_ne!(f.kinship(0), f.kinship(2));
+        let mut out = Vec::new();
+        let mut free = [true; 7];
+        f.reachable(&[0, 1], &free, &mut out);
+        // The other man, a woman who wants women, one too old, one who
+        // wants older men: out. A woman for either of them: in.
+        assert_eq!(out, [2, 6]);
+        free[6] = false;
+        f.reachable(&[0, 1], &free, &mut out);
+        assert_eq!(out, [2]);
     }
 
     #[test]
