@@ -988,7 +988,7 @@ impl PartitionEngine {
                 .cooldowns
                 .insert_users(&a.request.user, &b.request.user, until);
             self.counters.matched += 1;
-            let result = self.matched(segment, start, end, &scorer_name, pair.score, &a, &b, now);
+            let result = self.matched(segment, start, end, &scorer_name, pair.score, a, b, now);
             self.await_outcome(&result);
             results.push(result);
         }
@@ -1154,24 +1154,22 @@ impl PartitionEngine {
         end: i64,
         scorer: &str,
         score: f32,
-        a: &Pending,
-        b: &Pending,
+        a: Pending,
+        b: Pending,
         now: i64,
     ) -> MatchResult {
-        let side = |p: &Pending| MatchedUser {
-            request_id: p.request.request_id.clone(),
-            user: p.request.user.clone(),
+        let match_id =
+            digest::match_id(segment, start, &a.request.request_id, &b.request.request_id);
+        // The requests are settled: their names move into the result.
+        let side = |p: Pending| MatchedUser {
+            request_id: p.request.request_id,
+            user: p.request.user,
             event_time: p.request.event_time,
         };
         let mut users = [side(a), side(b)];
         users.sort_by(|x, y| (&x.user, &x.request_id).cmp(&(&y.user, &y.request_id)));
         MatchResult::Matched {
-            match_id: digest::match_id(
-                segment,
-                start,
-                &a.request.request_id,
-                &b.request.request_id,
-            ),
+            match_id,
             segment: segment.to_string(),
             window_start: start,
             window_end: end,

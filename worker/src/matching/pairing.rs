@@ -80,6 +80,9 @@ pub struct WindowFilter {
     wants: Vec<u64>,
     /// Index pairs `(lo, hi)` in cooldown.
     blocked: FastSet<(u32, u32)>,
+    /// Requests in some pair of `blocked`: most are in none, and checking
+    /// this first spares the set lookup for almost every pair.
+    in_blocked: Vec<bool>,
 }
 
 impl WindowFilter {
@@ -122,7 +125,13 @@ impl WindowFilter {
             words,
             wants,
             blocked: cooldowns.blocked(&names, start),
+            in_blocked: Vec::new(),
         };
+        filter.in_blocked = vec![false; requests.len()];
+        for &(i, j) in &filter.blocked {
+            filter.in_blocked[i as usize] = true;
+            filter.in_blocked[j as usize] = true;
+        }
         filter.lanes = Lanes::new(&filter);
         filter
     }
@@ -195,7 +204,9 @@ impl WindowFilter {
     /// Whether the pair is in cooldown (its preferences aside).
     #[inline]
     pub fn in_cooldown(&self, i: u32, j: u32) -> bool {
-        !self.blocked.is_empty() && self.blocked.contains(&(i.min(j), i.max(j)))
+        self.in_blocked[i as usize]
+            && self.in_blocked[j as usize]
+            && self.blocked.contains(&(i.min(j), i.max(j)))
     }
 }
 
