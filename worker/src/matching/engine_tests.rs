@@ -465,6 +465,43 @@ fn leftovers_carry_over_and_expire_after_max_wait_windows() {
 }
 
 #[test]
+fn requests_carried_over_join_the_next_window_s_prescoring() {
+    let mut s = settings();
+    s.matching.exact_below = 0;
+    let config = EngineConfig::from_settings(&s)
+        .unwrap()
+        .with_prescore_from(0);
+    let mut e = PartitionEngine::new(PARTITION, config);
+    // [0, 1000): three men and a woman: one pair, two men carried over.
+    for (id, user, t, g) in [
+        ("r1", "bob", 100, "m"),
+        ("r2", "joe", 150, "m"),
+        ("r3", "max", 200, "m"),
+        ("r4", "ann", 300, "f"),
+    ] {
+        ingest(&mut e, req(id, user, t, g, [1.0, 0.0]), 0);
+    }
+    e.prescore();
+    ingest(&mut e, req("r5", "eve", 1300, "f", [1.0, 0.0]), 0);
+    let matched = |results: &[MatchResult]| {
+        results
+            .iter()
+            .filter(|r| matches!(r, MatchResult::Matched { .. }))
+            .count()
+    };
+    assert_eq!(matched(&e.close(0, &none())), 1);
+    assert_eq!((e.windows_closed(), e.windows_prescored()), (1, 1));
+    e.prescore();
+    ingest(&mut e, req("r6", "sue", 1400, "f", [0.0, 1.0]), 0);
+    e.prescore();
+    // [1000, 2000): eve and sue take the two carried men, matched from the
+    // lists kept while it filled, the carried men's included.
+    ingest(&mut e, req("r7", "tom", 2300, "m", [1.0, 0.0]), 0);
+    assert_eq!(matched(&e.close(0, &none())), 2);
+    assert_eq!((e.windows_closed(), e.windows_prescored()), (2, 2));
+}
+
+#[test]
 fn a_user_takes_part_once_per_window() {
     let mut e = engine(&settings());
     ingest(&mut e, req("u1", "ann", 100, "f", [1.0, 0.0]), 0);
