@@ -623,7 +623,6 @@ impl PartitionEngine {
         let Some(wm) = self.apply_idle(now) else {
             return Vec::new();
         };
-
         let w = self.config.window_millis;
         let mut due: Vec<(i64, String)> = Vec::new();
         for (name, seg) in &self.segments {
