@@ -761,46 +761,41 @@ fn refill(
     queue: &mut SortedQueue<Edge>,
     floors: &mut SortedQueue<(Edge, u32)>,
 ) {
-    let mut batch: Vec<(u64, u32, Edge)> = batch
-        .iter()
-        .map(|&(u, floor)| (src.kinship(u), u, floor))
-        .collect();
-    batch.sort_unstable_by_key(|&(kin, u, _)| (kin, u));
-    let mut cols = Vec::new();
-    for group in batch.chunk_by(|a, b| a.0 == b.0) {
-        let rows: Vec<u32> = group.iter().map(|&(_, u, _)| u).collect();
-        let floors_of: Vec<Edge> = group.iter().map(|&(_, _, f)| f).collect();
-        src.reachable(&rows, free, &mut cols);
-        refill_rows(src, min_score, k, (&rows, &floors_of), &cols, queue, floors);
+    let mut batch = batch.to_vec();
+    batch.sort_by_cached_key(|&(u, _)| (src.kinship(u), u));
+    for group in batch.chunk_by(|a, b| src.kinship(a.0) == src.kinship(b.0)) {
+        refill_group(src, min_score, k, group, free, queue, floors);
     }
 }
 
-/// [`refill`] of `rows` (with their floors) against the columns `cols`.
-fn refill_rows(
+/// [`refill`] of one kinship group (free requests with their floors).
+fn refill_group(
     src: &impl PairSource,
     min_score: f64,
     k: usize,
-    (rows, row_floors): (&[u32], &[Edge]),
-    cols: &[u32],
+    group: &[(u32, Edge)],
+    free: &[bool],
     queue: &mut SortedQueue<Edge>,
     floors: &mut SortedQueue<(Edge, u32)>,
 ) {
+    let rows: Vec<u32> = group.iter().map(|&(u, _)| u).collect();
+    let mut cols = Vec::new();
+    src.reachable(&rows, free, &mut cols);
     let mut out = vec![0.0f32; rows.len() * cols.len()];
-    src.scores(rows, cols, &mut out);
+    src.scores(&rows, &cols, &mut out);
     let mut all_marks = vec![0u8; rows.len() * cols.len()];
-    src.prefilter_block(rows, cols, &mut all_marks);
+    src.prefilter_block(&rows, &cols, &mut all_marks);
     let min = min_score_f32(min_score);
     let mut hits = vec![0u32; cols.len()];
     let mut list = Vec::new();
     let width = cols.len().max(1);
-    for (((&u, &floor), row), marks) in rows
+    for ((&(u, floor), row), marks) in group
         .iter()
-        .zip(row_floors)
         .zip(out.chunks_exact(width))
         .zip(all_marks.chunks_exact_mut(width))
     {
         let top = floor.score;
-        for ((m, &s), &x) in marks.iter_mut().zip(row).zip(cols) {
+        for ((m, &s), &x) in marks.iter_mut().zip(row).zip(&cols) {
             *m &= u8::from((s >= min) & (s <= top) & (x != u));
         }
         let found = marked(marks, &mut hits);

@@ -115,6 +115,12 @@ impl WindowFilter {
             }
         }
         let names: Vec<&str> = requests.iter().map(|r| r.user.as_str()).collect();
+        let blocked = cooldowns.blocked(&names, start);
+        let mut in_blocked = vec![false; requests.len()];
+        for &(i, j) in &blocked {
+            in_blocked[i as usize] = true;
+            in_blocked[j as usize] = true;
+        }
         let mut filter = WindowFilter {
             user,
             lanes: None,
@@ -124,14 +130,9 @@ impl WindowFilter {
             max_age: requests.iter().map(|r| r.wants.max_age).collect(),
             words,
             wants,
-            blocked: cooldowns.blocked(&names, start),
-            in_blocked: Vec::new(),
+            blocked,
+            in_blocked,
         };
-        filter.in_blocked = vec![false; requests.len()];
-        for &(i, j) in &filter.blocked {
-            filter.in_blocked[i as usize] = true;
-            filter.in_blocked[j as usize] = true;
-        }
         filter.lanes = Lanes::new(&filter);
         filter
     }
