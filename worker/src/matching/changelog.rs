@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::bandit::ArmStats;
-use super::cooldown::UserPair;
+use super::cooldown::{canonical, UserPair};
 use super::feedback::JoinRecord;
 use super::window::EventClock;
 
@@ -70,22 +70,24 @@ pub fn cooldown_list_key(until: i64, chunk: usize) -> String {
 }
 
 /// The values of deadline `until`'s list records, one per chunk; none for
-/// no pairs. Written by hand: a pair is two borrowed names, no copies.
+/// no pairs. Each pair is written in canonical order ([`canonical`]).
+/// Written by hand: a pair is two borrowed names, no copies.
 pub fn encode_cooldown_list<'a>(
     until: i64,
-    pairs: impl IntoIterator<Item = &'a UserPair>,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Vec<Vec<u8>> {
     let head = format!(r#"{{"until":{until},"pairs":["#);
     let mut chunks = Vec::new();
     let mut chunk = Vec::new();
-    for pair in pairs {
+    for (a, b) in pairs {
+        let (lo, hi) = canonical(a, b);
         if chunk.is_empty() {
             chunk.extend_from_slice(head.as_bytes());
         } else {
             chunk.push(b',');
         }
         // Serialising two strings into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut chunk, &[&*pair.0, &*pair.1]);
+        let _ = serde_json::to_writer(&mut chunk, &[lo, hi]);
         if chunk.len() >= COOLDOWN_CHUNK_BYTES {
             chunk.extend_from_slice(b"]}");
             chunks.push(std::mem::take(&mut chunk));
@@ -458,7 +460,8 @@ mod tests {
             .map(|i| UserPair::new(&format!("user-{i}"), &format!("partner-{i}")))
             .chain([odd.clone()])
             .collect();
-        let chunks = encode_cooldown_list(-7, &many);
+        // Given either way round, written canonically.
+        let chunks = encode_cooldown_list(-7, many.iter().map(|p| (&*p.1, &*p.0)));
         assert!(chunks.len() > 1, "{} bytes in one record", chunks[0].len());
         let mut back = Vec::new();
         for (i, value) in chunks.iter().enumerate() {
@@ -471,9 +474,9 @@ mod tests {
             back.extend(pairs);
         }
         assert_eq!(back, many);
-        assert!(encode_cooldown_list(5, []).is_empty());
+        assert!(encode_cooldown_list(5, std::iter::empty()).is_empty());
 
-        let one = encode_cooldown_list(5, [&odd]).remove(0);
+        let one = encode_cooldown_list(5, [(&*odd.0, &*odd.1)]).remove(0);
         for bad in ["d/6/0", "d/5", "d/x/0", "d/5/-1"] {
             assert!(
                 matches!(decode(bad, &one), Err(RestoreError::Invalid { .. })),

@@ -26,6 +26,7 @@ use super::matchmaker::{match_window_seeded, min_score_f32, MatchParams, Pair};
 use super::pairing::{Scores, WindowFilter, WindowPairs};
 use super::prescore::OpenWindow;
 use super::score::FeatureMatrix;
+use super::users::{UserId, UserTable};
 use super::window::{window_phase, window_start, EventClock, MAX_ABS_EVENT_TIME};
 
 /// A window of one segment, as `due` saw it: `digest` is a hash of its
@@ -103,6 +104,8 @@ pub enum OutcomeFate {
 #[derive(Debug, Clone)]
 struct Pending {
     request: MatchRequest,
+    /// Its user's id, held while it is pending.
+    user: UserId,
     /// Its offset in the request partition: where a restore re-reads it, and
     /// the ingest order (the tie-breaker everywhere).
     offset: i64,
@@ -236,6 +239,7 @@ impl Restoring {
                 )));
             }
             let id = request.request_id.clone();
+            let user = engine.users.hold(&request.user);
             let scorer = engine.window_builtin_scorer(&segment, q.window);
             let seg = engine.segments.entry(segment).or_default();
             seg.windows
@@ -247,6 +251,7 @@ impl Restoring {
                 id,
                 Pending {
                     request,
+                    user,
                     offset,
                     window: q.window,
                     windows: q.windows,
@@ -268,6 +273,8 @@ struct WindowMembers<'a> {
     ids: &'a [String],
     offsets: &'a [i64],
     reqs: &'a [&'a MatchRequest],
+    /// The participants' user ids.
+    users: &'a [UserId],
     prescored: Option<&'a mut OpenWindow>,
 }
 
@@ -284,6 +291,8 @@ pub struct PartitionEngine {
     counters: Counters,
     segments: BTreeMap<String, Segment>,
     requests: FastMap<String, Pending>,
+    /// The users of the pending requests and of the cooldowns.
+    users: UserTable,
     cooldowns: CooldownBook,
     /// Matches waiting for their outcome (feedback join).
     joins: JoinBook,
@@ -311,6 +320,7 @@ impl PartitionEngine {
             counters: Counters::default(),
             segments: BTreeMap::new(),
             requests: FastMap::default(),
+            users: UserTable::default(),
             cooldowns: CooldownBook::default(),
             joins: JoinBook::default(),
             outcome_clock: EventClock::default(),
@@ -366,14 +376,16 @@ impl PartitionEngine {
                 }
                 Record::Cooldowns(until, chunk, pairs) => {
                     for pair in pairs {
-                        e.cooldowns.insert(pair, until);
+                        e.cooldowns
+                            .insert_names(&mut e.users, &pair.0, &pair.1, until);
                     }
                     let chunks = e.cooldown_chunks.entry(until).or_default();
                     *chunks = (*chunks).max(chunk + 1);
                 }
                 Record::Cooldown(pair, until) => {
                     // Rewritten into its deadline's list, then tombstoned.
-                    e.cooldowns.insert(pair, until);
+                    e.cooldowns
+                        .insert_names(&mut e.users, &pair.0, &pair.1, until);
                     e.dirty.insert(Dirty::Cooldowns(until));
                     e.persisted.insert(key.clone());
                     e.dirty.insert(Dirty::Retired(key));
@@ -487,10 +499,12 @@ impl PartitionEngine {
             .insert(offset, id.clone());
         segment.changed_windows.insert(window);
         segment.enlist(&self.config, scorer, window, offset, &req);
+        let user = self.users.hold(&req.user);
         self.requests.insert(
             id,
             Pending {
                 request: req,
+                user,
                 offset,
                 window,
                 windows: 0,
@@ -698,7 +712,7 @@ impl PartitionEngine {
                 queue.insert((next, segment));
             }
         }
-        for until in self.cooldowns.expire(wm) {
+        for until in self.cooldowns.expire(&mut self.users, wm) {
             self.dirty.insert(Dirty::Cooldowns(until));
         }
         results
@@ -728,7 +742,10 @@ impl PartitionEngine {
                     }
                 }
                 Dirty::Cooldowns(until) => {
-                    let chunks = encode_cooldown_list(until, self.cooldowns.listed(until));
+                    let users = &self.users;
+                    let listed = self.cooldowns.listed(until);
+                    let named = listed.map(|(a, b)| (users.name(a), users.name(b)));
+                    let chunks = encode_cooldown_list(until, named);
                     let before = self.cooldown_chunks.remove(&until).unwrap_or(0);
                     for chunk in chunks.len()..before {
                         out.push((cooldown_list_key(until, chunk), None));
@@ -831,6 +848,11 @@ impl PartitionEngine {
         self.cooldowns.len()
     }
 
+    /// Users whose ids are held: by a pending request or a cooldown.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
     /// The bandit's posteriors: ((segment, scorer), evidence).
     pub fn arm_evidence(&self) -> Vec<((String, String), ArmStats)> {
         self.segments
@@ -888,10 +910,10 @@ impl PartitionEngine {
             .filter_map(|id| self.requests.get(id));
         let all: Vec<&Pending> = members.collect();
         // Each user's taking request, by index into `all`.
-        let mut best: FastMap<&str, usize> = FastMap::default();
+        let mut best: FastMap<UserId, usize> = FastMap::default();
         best.reserve(all.len());
         for (i, p) in all.iter().enumerate() {
-            let b = best.entry(p.request.user.as_str()).or_insert(i);
+            let b = best.entry(p.user).or_insert(i);
             if p.windows > all[*b].windows {
                 *b = i;
             }
@@ -979,15 +1001,15 @@ impl PartitionEngine {
             .and_then(|s| s.prescored.remove(&start));
 
         let pairs = {
-            let reqs: Vec<&MatchRequest> = ids
-                .iter()
-                .filter_map(|id| self.requests.get(id))
-                .map(|p| &p.request)
-                .collect();
+            let pending: Vec<&Pending> =
+                ids.iter().filter_map(|id| self.requests.get(id)).collect();
+            let reqs: Vec<&MatchRequest> = pending.iter().map(|p| &p.request).collect();
+            let users: Vec<UserId> = pending.iter().map(|p| p.user).collect();
             let window = WindowMembers {
                 ids: &ids,
                 offsets: &offsets,
                 reqs: &reqs,
+                users: &users,
                 prescored: prescored.as_mut(),
             };
             self.score_and_match(segment, start, window, scorer, external)
@@ -1016,7 +1038,9 @@ impl PartitionEngine {
             };
             listed |= self
                 .cooldowns
-                .insert_users(&a.request.user, &b.request.user, until);
+                .insert(&mut self.users, a.user, b.user, until);
+            self.users.release(a.user);
+            self.users.release(b.user);
             self.counters.matched += 1;
             let result = self.matched(segment, start, end, &scorer_name, pair.score, a, b, now);
             self.await_outcome(&result);
@@ -1044,6 +1068,7 @@ impl PartitionEngine {
                 p.window = end;
                 carried.push((p.offset, id.clone()));
             } else if let Some(p) = self.requests.remove(id) {
+                self.users.release(p.user);
                 self.counters.expired += 1;
                 results.push(self.expired(&p.request, p.windows, ExpiryReason::NoPartner, now));
             }
@@ -1083,6 +1108,7 @@ impl PartitionEngine {
             ids,
             offsets,
             reqs,
+            users,
             prescored,
         } = window;
         let n = reqs.len();
@@ -1119,7 +1145,7 @@ impl PartitionEngine {
             return (name, Vec::new(), false);
         };
         let pairs = WindowPairs {
-            filter: WindowFilter::new(reqs, &self.cooldowns, start),
+            filter: WindowFilter::new(reqs, users, self.cooldowns.blocked(users, start)),
             scores,
             len: n,
         };

@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use matchfleet_api::feedback::{FeedbackSample, Label, MatchOutcome};
 use matchfleet_api::match_pipeline::{
@@ -562,6 +563,11 @@ fn cooldown_blocks_a_rematch_until_it_ends() {
     // The first cooldown ended (≤ watermark) and was dropped; the new one
     // (5000 + 3000) is far below the idle watermark too.
     assert_eq!(e.cooldowns(), 0);
+    assert_eq!(
+        e.users(),
+        0,
+        "no request pending, no cooldown: no user held"
+    );
 }
 
 #[test]
@@ -799,7 +805,9 @@ fn cooldowns_are_written_per_deadline_and_the_pair_format_is_rewritten() {
     use changelog::{encode_cooldown_list, Record};
     let config = EngineConfig::from_settings(&settings()).unwrap();
     let (xy, pq) = (UserPair::new("xi", "yu"), UserPair::new("pat", "quin"));
-    let list = |until, pair: &UserPair| Some(encode_cooldown_list(until, [pair]).remove(0));
+    let list = |until, pair: &UserPair| {
+        Some(encode_cooldown_list(until, [(&*pair.0, &*pair.1)]).remove(0))
+    };
     let legacy = changelog::encode(&changelog::CooldownRecord {
         users: ["dan".into(), "cat".into()],
         until: 11_000,
@@ -1460,6 +1468,9 @@ proptest! {
             prop_assert_eq!(settled.get(id).copied(), Some(1), "{} settled {:?} times", id, settled.get(id));
         }
         prop_assert_eq!(settled.len(), requests.len());
+        // Nothing pending: the users held are those still in cooldown.
+        let in_cooldown: HashSet<&Arc<str>> = book.keys().flat_map(|p| [&p.0, &p.1]).collect();
+        prop_assert_eq!(e.users(), in_cooldown.len());
         let c = e.counters();
         prop_assert_eq!(c["requests"] as usize, requests.len());
         prop_assert_eq!((c["matched"] * 2 + c["expired"]) as usize, requests.len());

@@ -166,6 +166,7 @@ pub mod matchmaker;
 pub mod pairing;
 pub mod prescore;
 pub mod score;
+pub mod users;
 pub mod window;
 
 #[cfg(test)]

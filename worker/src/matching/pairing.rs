@@ -12,8 +12,8 @@ use super::hash::{FastMap, FastSet};
 use matchfleet_api::match_pipeline::BuiltinScorer;
 use matchfleet_api::matching::MatchRequest;
 
-use super::cooldown::CooldownBook;
 use super::score::{score_batch, FeatureMatrix};
+use super::users::UserId;
 
 /// What the matchmaker needs of a window of `len()` requests.
 pub trait PairSource {
@@ -86,15 +86,13 @@ pub struct WindowFilter {
 }
 
 impl WindowFilter {
-    /// Compiles `requests` (in window order) for a window starting at `start`.
-    pub fn new(requests: &[&MatchRequest], cooldowns: &CooldownBook, start: i64) -> Self {
-        let mut users: FastMap<&str, u32> = FastMap::default();
+    /// Compiles `requests` (in window order), their users' ids (equal for
+    /// the same user) and the index pairs of `requests` in cooldown
+    /// ([`CooldownBook::blocked`](super::cooldown::CooldownBook::blocked)).
+    pub fn new(requests: &[&MatchRequest], users: &[UserId], blocked: FastSet<(u32, u32)>) -> Self {
         let mut genders: FastMap<&str, u32> = FastMap::default();
-        let mut user = Vec::with_capacity(requests.len());
         let mut gender = Vec::with_capacity(requests.len());
         for r in requests {
-            let next = users.len() as u32;
-            user.push(*users.entry(r.user.as_str()).or_insert(next));
             let next = genders.len() as u32;
             gender.push(*genders.entry(r.profile.gender.as_str()).or_insert(next));
         }
@@ -114,15 +112,13 @@ impl WindowFilter {
                 bits[*g as usize / 64] |= 1 << (g % 64);
             }
         }
-        let names: Vec<&str> = requests.iter().map(|r| r.user.as_str()).collect();
-        let blocked = cooldowns.blocked(&names, start);
         let mut in_blocked = vec![false; requests.len()];
         for &(i, j) in &blocked {
             in_blocked[i as usize] = true;
             in_blocked[j as usize] = true;
         }
         let mut filter = WindowFilter {
-            user,
+            user: users.to_vec(),
             lanes: None,
             gender,
             age: requests.iter().map(|r| r.profile.age).collect(),
@@ -659,9 +655,26 @@ impl PairSource for WindowPairs<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::matching::cooldown::UserPair;
+    use crate::matching::cooldown::CooldownBook;
+    use crate::matching::users::UserTable;
     use matchfleet_api::matching::{mutually_acceptable, Preferences, Profile};
     use proptest::prelude::*;
+
+    /// The window's filter as the engine builds it, its users held in `users`.
+    pub(crate) fn filter_with(
+        reqs: &[&MatchRequest],
+        book: &CooldownBook,
+        users: &mut UserTable,
+        start: i64,
+    ) -> WindowFilter {
+        let ids: Vec<UserId> = reqs.iter().map(|r| users.hold(&r.user)).collect();
+        WindowFilter::new(reqs, &ids, book.blocked(&ids, start))
+    }
+
+    /// The filter of a window without cooldowns.
+    pub(crate) fn filter(reqs: &[&MatchRequest]) -> WindowFilter {
+        filter_with(reqs, &CooldownBook::default(), &mut UserTable::default(), 0)
+    }
 
     pub(crate) fn request(
         id: &str,
@@ -711,7 +724,7 @@ pub(crate) mod tests {
         #[test]
         fn compiled_filter_equals_mutually_acceptable(reqs in prop::collection::vec(arb_request(), 1..12)) {
             let refs: Vec<&MatchRequest> = reqs.iter().collect();
-            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let f = filter(&refs);
             for i in 0..reqs.len() {
                 for j in 0..reqs.len() {
                     prop_assert_eq!(
@@ -728,7 +741,7 @@ pub(crate) mod tests {
         #[test]
         fn prefilter_equals_allowed_without_cooldowns(reqs in prop::collection::vec(arb_request(), 1..12), first in 0usize..12) {
             let refs: Vec<&MatchRequest> = reqs.iter().collect();
-            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let f = filter(&refs);
             let first = first.min(reqs.len());
             for i in 0..reqs.len() {
                 let mut out = vec![7u8; reqs.len() - first];
@@ -747,7 +760,7 @@ pub(crate) mod tests {
             col_picks in prop::collection::vec(0usize..12, 0..12),
         ) {
             let refs: Vec<&MatchRequest> = reqs.iter().collect();
-            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let f = filter(&refs);
             let pick = |p: &[usize]| -> Vec<u32> { p.iter().map(|&c| (c % reqs.len()) as u32).collect() };
             let (rows, cols) = (pick(&row_picks), pick(&col_picks));
             let mut out = vec![7u8; rows.len() * cols.len()];
@@ -779,7 +792,7 @@ pub(crate) mod tests {
             min in prop::sample::select(vec![f32::NEG_INFINITY, -0.5, 0.0, 0.25]),
         ) {
             let refs: Vec<&MatchRequest> = reqs.iter().collect();
-            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let f = filter(&refs);
             let lanes = f.lanes.as_ref().expect("four genders fit the lanes");
             let mut hits = vec![u32::MAX; reqs.len()];
             for i in 0..reqs.len() {
@@ -807,7 +820,7 @@ pub(crate) mod tests {
             free in prop::collection::vec(any::<bool>(), 14),
         ) {
             let refs: Vec<&MatchRequest> = reqs.iter().collect();
-            let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+            let f = filter(&refs);
             let rows: Vec<u32> = row_picks.iter().map(|&r| (r % reqs.len()) as u32).collect();
             let free = &free[..reqs.len()];
             let mut out = vec![99];
@@ -838,7 +851,7 @@ pub(crate) mod tests {
             let refs: Vec<&MatchRequest> = reqs.iter().collect();
             let data: Vec<f32> = reqs.iter().flat_map(|r| r.vector.clone()).collect();
             let pairs = WindowPairs {
-                filter: WindowFilter::new(&refs, &CooldownBook::default(), 0),
+                filter: filter(&refs),
                 scores: Scores::builtin(FeatureMatrix::from_vec(data, 2).unwrap(), BuiltinScorer::Cosine),
                 len: reqs.len(),
             };
@@ -859,7 +872,7 @@ pub(crate) mod tests {
             request("r6", "h", "f", 28, &["m"], 18, 99),
         ];
         let refs: Vec<&MatchRequest> = reqs.iter().collect();
-        let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+        let f = filter(&refs);
         assert_eq!(f.kinship(0), f.kinship(1));
         assert_ne!(f.kinship(0), f.kinship(2));
         let mut out = Vec::new();
@@ -884,7 +897,7 @@ pub(crate) mod tests {
         reqs[0].wants.genders = vec!["g129".into()];
         reqs[129].wants.genders = vec!["g0".into(), "nobody".into()];
         let refs: Vec<&MatchRequest> = reqs.iter().collect();
-        let f = WindowFilter::new(&refs, &CooldownBook::default(), 0);
+        let f = filter(&refs);
         assert_eq!(f.words, 3);
         assert!(f.lanes.is_none(), "over 32 genders: no prefilter");
         let mut out = [0u8; 130];
@@ -910,15 +923,15 @@ pub(crate) mod tests {
             request("r3", "cat", "f", 20, &[], 18, 99),
         ];
         let refs: Vec<&MatchRequest> = reqs.iter().collect();
-        let mut book = CooldownBook::default();
-        book.insert(UserPair::new("bob", "ann"), 2000);
-        let f = WindowFilter::new(&refs, &book, 1000);
+        let (mut book, mut users) = (CooldownBook::default(), UserTable::default());
+        book.insert_names(&mut users, "bob", "ann", 2000);
+        let f = filter_with(&refs, &book, &mut users, 1000);
         assert!(!f.allowed(0, 1) && !f.allowed(1, 0));
         let mut out = [0u8; 3];
         f.prefilter(0, 0, &mut out);
         assert_eq!(out, [0, 1, 1], "the prefilter leaves cooldowns to allowed");
         assert!(f.allowed(0, 2) && f.allowed(1, 2));
-        let f = WindowFilter::new(&refs, &book, 2000);
+        let f = filter_with(&refs, &book, &mut users, 2000);
         assert!(f.allowed(0, 1), "the cooldown ended at the window start");
     }
 

@@ -280,17 +280,17 @@ impl OpenWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matching::cooldown::CooldownBook;
     use crate::matching::matchmaker::{greedy, greedy_seeded, min_score_f32, Pair};
+    use crate::matching::pairing::tests::filter;
     use crate::matching::pairing::tests::request;
-    use crate::matching::pairing::{Scores, WindowFilter, WindowPairs};
+    use crate::matching::pairing::{Scores, WindowPairs};
     use proptest::prelude::*;
 
     /// The participants' pair source, as the close builds it.
     fn pairs<'a>(reqs: &[&MatchRequest], scorer: BuiltinScorer) -> WindowPairs<'a> {
         let data: Vec<f32> = reqs.iter().flat_map(|r| r.vector.clone()).collect();
         WindowPairs {
-            filter: WindowFilter::new(reqs, &CooldownBook::default(), 0),
+            filter: filter(reqs),
             scores: Scores::builtin(FeatureMatrix::from_vec(data, 2).unwrap(), scorer),
             len: reqs.len(),
         }
