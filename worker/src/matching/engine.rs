@@ -19,7 +19,7 @@ use super::changelog::{
 };
 use super::config::{EngineConfig, ScorerKind};
 use super::cooldown::CooldownBook;
-use super::digest::{self, Digest};
+use super::digest::{Digest, MatchIds};
 use super::feedback::{JoinBook, JoinRecord};
 use super::hash::{FastMap, FastSet};
 use super::matchmaker::{match_window_seeded, min_score_f32, MatchParams, Pair};
@@ -308,6 +308,10 @@ pub struct PartitionEngine {
     windows_prescored: u64,
     /// The meta value last written (or restored).
     last_meta: Option<Vec<u8>>,
+    /// What is left of the requests the last close settled (vectors,
+    /// profiles), dropped by the next `prescore`: freeing a large window's
+    /// worth is ~0.5 ms the results need not wait for.
+    settled: Vec<Pending>,
 }
 
 impl PartitionEngine {
@@ -330,6 +334,7 @@ impl PartitionEngine {
             windows_closed: 0,
             windows_prescored: 0,
             last_meta: None,
+            settled: Vec::new(),
         }
     }
 
@@ -781,6 +786,7 @@ impl PartitionEngine {
     /// close would otherwise do, done while it fills. A no-op for pipelines
     /// whose windows get their scorer only at the close.
     pub fn prescore(&mut self) {
+        self.settled.clear();
         self.enlist_carried();
         let min = min_score_f32(self.config.min_score);
         let from = self.config.prescore_from;
@@ -1027,6 +1033,7 @@ impl PartitionEngine {
         // The window's matches share one cooldown deadline (and list).
         let until = end.saturating_add(self.config.cooldown_millis);
         let mut listed = false;
+        let match_ids = MatchIds::new(segment, start);
         for pair in &pairs {
             matched[pair.i as usize] = true;
             matched[pair.j as usize] = true;
@@ -1042,7 +1049,8 @@ impl PartitionEngine {
             self.users.release(a.user);
             self.users.release(b.user);
             self.counters.matched += 1;
-            let result = self.matched(segment, start, end, &scorer_name, pair.score, a, b, now);
+            let window = (segment, start, end);
+            let result = self.matched(&match_ids, window, &scorer_name, pair.score, [a, b], now);
             self.await_outcome(&result);
             results.push(result);
         }
@@ -1201,27 +1209,25 @@ impl PartitionEngine {
         self.dirty.insert(Dirty::Join(match_id.clone()));
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn matched(
-        &self,
-        segment: &str,
-        start: i64,
-        end: i64,
+        &mut self,
+        ids: &MatchIds,
+        (segment, start, end): (&str, i64, i64),
         scorer: &str,
         score: f32,
-        a: Pending,
-        b: Pending,
+        [mut a, mut b]: [Pending; 2],
         now: i64,
     ) -> MatchResult {
-        let match_id =
-            digest::match_id(segment, start, &a.request.request_id, &b.request.request_id);
-        // The requests are settled: their names move into the result.
-        let side = |p: Pending| MatchedUser {
-            request_id: p.request.request_id,
-            user: p.request.user,
+        let match_id = ids.of(&a.request.request_id, &b.request.request_id);
+        // The requests are settled: their names move into the result, the
+        // rest is dropped after the commit is on its way.
+        let side = |p: &mut Pending| MatchedUser {
+            request_id: std::mem::take(&mut p.request.request_id),
+            user: std::mem::take(&mut p.request.user),
             event_time: p.request.event_time,
         };
-        let mut users = [side(a), side(b)];
+        let mut users = [side(&mut a), side(&mut b)];
+        self.settled.extend([a, b]);
         users.sort_by(|x, y| (&x.user, &x.request_id).cmp(&(&y.user, &y.request_id)));
         MatchResult::Matched {
             match_id,
