@@ -1152,8 +1152,22 @@ impl PartitionEngine {
         let Some(scores) = scores else {
             return (name, Vec::new(), false);
         };
+        // Prescored lists are only for the scorer they were scored with.
+        let used = match &spec.kind {
+            ScorerKind::Builtin(b) => Some(*b),
+            ScorerKind::Http { .. } => None,
+        };
+        let mut prescored = prescored.zip(used).and_then(|(window, b)| {
+            let members = window.members_of(b, offsets)?;
+            Some((window, members))
+        });
+        let blocked = self.cooldowns.blocked(users, start);
+        let filter = match &prescored {
+            Some((window, members)) => window.filter(members, blocked),
+            None => WindowFilter::new(reqs, users, blocked),
+        };
         let pairs = WindowPairs {
-            filter: WindowFilter::new(reqs, users, self.cooldowns.blocked(users, start)),
+            filter,
             scores,
             len: n,
         };
@@ -1162,19 +1176,12 @@ impl PartitionEngine {
             exact_below: self.config.exact_below,
             top_k: self.config.top_k,
         };
-        // Prescored lists are only for the scorer they were scored with.
-        let used = match &spec.kind {
-            ScorerKind::Builtin(b) => Some(*b),
-            ScorerKind::Http { .. } => None,
-        };
-        let prescored = prescored.zip(used);
         let mut seeded = false;
         let seeds = || {
-            let (window, b) = prescored?;
+            let (window, members) = prescored.as_mut()?;
             let min = min_score_f32(self.config.min_score);
-            let seeds = window.seeds(b, min, offsets, |p, q| pairs.filter.in_cooldown(p, q));
-            seeded = seeds.is_some();
-            seeds
+            seeded = true;
+            Some(window.seeds(min, members, |p, q| pairs.filter.in_cooldown(p, q)))
         };
         let matched = match_window_seeded(&pairs, &params, seeds);
         (name, matched, seeded)

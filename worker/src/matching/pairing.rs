@@ -112,11 +112,7 @@ impl WindowFilter {
                 bits[*g as usize / 64] |= 1 << (g % 64);
             }
         }
-        let mut in_blocked = vec![false; requests.len()];
-        for &(i, j) in &blocked {
-            in_blocked[i as usize] = true;
-            in_blocked[j as usize] = true;
-        }
+        let in_blocked = members_of(&blocked, requests.len());
         let mut filter = WindowFilter {
             user: users.to_vec(),
             lanes: None,
@@ -131,6 +127,38 @@ impl WindowFilter {
         };
         filter.lanes = Lanes::new(&filter);
         filter
+    }
+
+    /// The filter of the requests `members[0]`, `members[1]`, … of a
+    /// prescored window (indices into its `lanes`, distinct) with the index
+    /// pairs (of `members`) in cooldown: the same answers as
+    /// [`Self::new`] over those requests, gathered from lanes compiled as
+    /// they arrived instead of compiled again from the requests.
+    pub(crate) fn from_lanes(lanes: &Lanes, members: &[u32], blocked: FastSet<(u32, u32)>) -> Self {
+        let gathered = lanes.gather(members);
+        let n = members.len();
+        let (mut gender, mut min_age, mut max_age) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for i in 0..n {
+            gender.push(gathered.gender_bit[i].trailing_zeros());
+            min_age.push(gathered.min_age[i] as u8);
+            max_age.push((gathered.min_age[i] + gathered.age_span[i]) as u8);
+        }
+        WindowFilter {
+            user: gathered.user.clone(),
+            gender,
+            age: gathered.age.iter().map(|&a| a as u8).collect(),
+            min_age,
+            max_age,
+            words: 1,
+            wants: gathered.wants.iter().map(|&w| u64::from(w)).collect(),
+            in_blocked: members_of(&blocked, n),
+            blocked,
+            lanes: Some(gathered),
+        }
     }
 
     /// `i` accepts `j`'s profile.
@@ -207,6 +235,16 @@ impl WindowFilter {
     }
 }
 
+/// Which of `n` requests are in some pair of `pairs`.
+fn members_of(pairs: &FastSet<(u32, u32)>, n: usize) -> Vec<bool> {
+    let mut member = vec![false; n];
+    for &(i, j) in pairs {
+        member[i as usize] = true;
+        member[j as usize] = true;
+    }
+    member
+}
+
 /// Preferences as 32-bit lanes (eight to an AVX2 vector), for the prefilter.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Lanes {
@@ -268,16 +306,7 @@ impl Lanes {
     /// `out[a * cols.len() + b]`. The columns are gathered once, so each row
     /// is the same contiguous, vectorised scan as [`Self::prefilter`].
     pub(crate) fn prefilter_block(&self, rows: &[u32], cols: &[u32], out: &mut [u8]) {
-        let mut gathered = Lanes::default();
-        for &c in cols {
-            let c = c as usize;
-            gathered.gender_bit.push(self.gender_bit[c]);
-            gathered.wants.push(self.wants[c]);
-            gathered.age.push(self.age[c]);
-            gathered.min_age.push(self.min_age[c]);
-            gathered.age_span.push(self.age_span[c]);
-            gathered.user.push(self.user[c]);
-        }
+        let gathered = self.gather(cols);
         for (&r, out) in rows.iter().zip(out.chunks_exact_mut(cols.len().max(1))) {
             gathered.scan(self.lane(r as usize), 0, out);
         }
@@ -307,6 +336,19 @@ impl Lanes {
             return found;
         }
         offers_in(self, me, row, thresholds, b, hits)
+    }
+
+    /// The lanes of requests `which[0]`, `which[1]`, … in that order.
+    fn gather(&self, which: &[u32]) -> Lanes {
+        let pick = |v: &[u32]| which.iter().map(|&i| v[i as usize]).collect();
+        Lanes {
+            gender_bit: pick(&self.gender_bit),
+            wants: pick(&self.wants),
+            age: pick(&self.age),
+            min_age: pick(&self.min_age),
+            age_span: pick(&self.age_span),
+            user: pick(&self.user),
+        }
     }
 
     /// Request `i`'s lanes.

@@ -27,9 +27,9 @@
 use matchfleet_api::match_pipeline::BuiltinScorer;
 use matchfleet_api::matching::MatchRequest;
 
-use super::hash::FastMap;
+use super::hash::{FastMap, FastSet};
 use super::matchmaker::{offer_hits, Candidates, Edge, Seeds, BLOCK_ROWS};
-use super::pairing::{builtin_scores, Lanes};
+use super::pairing::{builtin_scores, Lanes, WindowFilter};
 use super::score::{normalize_row, score_packed, FeatureMatrix, PackedColumns};
 
 /// Members a window needs before it is prescored: below this a window's
@@ -229,35 +229,49 @@ impl OpenWindow {
         self.cands.cut_long();
     }
 
-    /// The greedy's seeds for the participants (their offsets, in the
-    /// close's index order, distinct users), after scoring whatever is left;
-    /// `in_cooldown(p, q)` is the close's cooldown check of a pair of
-    /// participant indices (the lists hold only pairs whose preferences
-    /// match, of distinct users). None when
-    /// the window was never prescored, is scored by another scorer than
-    /// `scorer`, or a participant is not a member: the close then scores the
-    /// window itself.
-    pub(crate) fn seeds(
-        &mut self,
+    /// The member indices of a close's participants (their offsets, in
+    /// the close's index order, distinct users). None when the window was
+    /// never prescored, is scored by another scorer than `scorer`, or a
+    /// participant is not a member: the close then scores the window itself.
+    pub(crate) fn members_of(
+        &self,
         scorer: BuiltinScorer,
-        min: f32,
         participants: &[i64],
-        in_cooldown: impl Fn(u32, u32) -> bool,
-    ) -> Option<Seeds> {
+    ) -> Option<Vec<u32>> {
         if self.gave_up || self.scored == 0 || scorer != self.scorer {
             return None;
         }
-        self.score_new(min, 0);
-        let members: Vec<u32> = participants
+        participants
             .iter()
             .map(|o| self.members.get(o).copied())
-            .collect::<Option<_>>()?;
+            .collect()
+    }
+
+    /// The participants' filter (`members` from [`Self::members_of`];
+    /// `blocked`: their index pairs in cooldown), from the lanes compiled
+    /// as they arrived.
+    pub(crate) fn filter(&self, members: &[u32], blocked: FastSet<(u32, u32)>) -> WindowFilter {
+        WindowFilter::from_lanes(&self.lanes, members, blocked)
+    }
+
+    /// The greedy's seeds for the participants (`members` from
+    /// [`Self::members_of`]), after scoring whatever is left; `in_cooldown(p,
+    /// q)` is the close's cooldown check of a pair of participant indices
+    /// (the lists hold only pairs whose preferences match, of distinct
+    /// users).
+    pub(crate) fn seeds(
+        &mut self,
+        min: f32,
+        members: &[u32],
+        in_cooldown: impl Fn(u32, u32) -> bool,
+    ) -> Seeds {
+        self.score_new(min, 0);
         let mut by_member = vec![u32::MAX; self.len()];
         for (p, &m) in members.iter().enumerate() {
             by_member[m as usize] = p as u32;
             self.cands.finish(m as usize);
         }
-        let mut seeds = Seeds::with_capacity(participants.len() * self.cands.k());
+        let mut seeds = Seeds::with_capacity(members.len() * self.cands.k());
         for (p, &m) in members.iter().enumerate() {
             let (list, floor) = self.cands.kept(m as usize);
             for &e in list {
@@ -273,7 +287,7 @@ impl OpenWindow {
                 seeds.floors.push((Edge::above_all_of(f.score), p as u32));
             }
         }
-        Some(seeds)
+        seeds
     }
 }
 
@@ -286,11 +300,20 @@ mod tests {
     use crate::matching::pairing::{Scores, WindowPairs};
     use proptest::prelude::*;
 
-    /// The participants' pair source, as the close builds it.
+    /// The participants' pair source, as a close that was not prescored
+    /// builds it (or with another `filter`).
     fn pairs<'a>(reqs: &[&MatchRequest], scorer: BuiltinScorer) -> WindowPairs<'a> {
+        pairs_with(reqs, scorer, filter(reqs))
+    }
+
+    fn pairs_with<'a>(
+        reqs: &[&MatchRequest],
+        scorer: BuiltinScorer,
+        filter: WindowFilter,
+    ) -> WindowPairs<'a> {
         let data: Vec<f32> = reqs.iter().flat_map(|r| r.vector.clone()).collect();
         WindowPairs {
-            filter: filter(reqs),
+            filter,
             scores: Scores::builtin(FeatureMatrix::from_vec(data, 2).unwrap(), scorer),
             len: reqs.len(),
         }
@@ -316,10 +339,12 @@ mod tests {
         let by_offset: FastMap<i64, &MatchRequest> =
             arrivals.iter().map(|(o, r)| (*o, r)).collect();
         let reqs: Vec<&MatchRequest> = participants.iter().map(|o| by_offset[o]).collect();
-        let src = pairs(&reqs, scorer);
-        let seeds = w.seeds(scorer, min_score_f32(min), participants, |p, q| {
+        let members = w.members_of(scorer, participants)?;
+        // As the close does it: the filter from the window's lanes.
+        let src = pairs_with(&reqs, scorer, w.filter(&members, FastSet::default()));
+        let seeds = w.seeds(min_score_f32(min), &members, |p, q| {
             src.filter.in_cooldown(p, q)
-        })?;
+        });
         Some(greedy_seeded(&src, min, k, seeds))
     }
 
@@ -355,22 +380,19 @@ mod tests {
         let min = min_score_f32(-1.0);
         w.score_new(min, 3);
         assert_eq!(w.scored(), 0, "below `from`: not scored yet");
-        assert!(w
-            .seeds(BuiltinScorer::Cosine, min, &[0, 1], |_, _| true)
-            .is_none());
+        assert!(w.members_of(BuiltinScorer::Cosine, &[0, 1]).is_none());
         w.score_new(min, 2);
         assert_eq!(w.scored(), 2);
-        assert!(w
-            .seeds(BuiltinScorer::Cosine, min, &[0, 1], |_, _| true)
-            .is_some());
+        assert_eq!(
+            w.members_of(BuiltinScorer::Cosine, &[1, 0]),
+            Some(vec![1, 0])
+        );
         assert!(
-            w.seeds(BuiltinScorer::Cosine, min, &[0, 7], |_, _| true)
-                .is_none(),
+            w.members_of(BuiltinScorer::Cosine, &[0, 7]).is_none(),
             "a participant that is not a member"
         );
         assert!(
-            w.seeds(BuiltinScorer::Complement, min, &[0, 1], |_, _| true)
-                .is_none(),
+            w.members_of(BuiltinScorer::Complement, &[0, 1]).is_none(),
             "scored by another scorer"
         );
 
@@ -382,9 +404,7 @@ mod tests {
         }
         many.score_new(min, 0);
         assert!(many.is_empty() && many.scored() == 0);
-        assert!(many
-            .seeds(BuiltinScorer::Cosine, min, &[0], |_, _| true)
-            .is_none());
+        assert!(many.members_of(BuiltinScorer::Cosine, &[0]).is_none());
     }
 
     fn arb_window() -> impl Strategy<Value = Vec<MatchRequest>> {
@@ -419,7 +439,62 @@ mod tests {
         })
     }
 
+    /// `arrivals`' offsets shuffled by `seed` (xorshift; Fisher-Yates).
+    fn shuffled(mut arrivals: Vec<(i64, MatchRequest)>, seed: u64) -> Vec<(i64, MatchRequest)> {
+        let mut s = seed | 1;
+        for i in (1..arrivals.len()).rev() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            arrivals.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        arrivals
+    }
+
     proptest! {
+        /// The filter gathered from a window's lanes answers every question
+        /// the matchmaker asks exactly as the one compiled from the
+        /// participants' requests, whatever order the members arrived in.
+        #[test]
+        fn the_filter_from_the_lanes_is_the_filter_of_the_requests(
+            window in arb_window(),
+            order_seed in any::<u64>(),
+            drop_mask in any::<u64>(),
+            free_mask in any::<u64>(),
+        ) {
+            let arrivals = shuffled(
+                window.iter().cloned().enumerate().map(|(i, r)| (i as i64, r)).collect(),
+                order_seed,
+            );
+            let mut w = OpenWindow::new(BuiltinScorer::Cosine, 2, 3);
+            for (offset, r) in &arrivals {
+                w.add(*offset, r);
+            }
+            w.score_new(-1.0, 0);
+            let participants: Vec<i64> = (0..window.len() as i64)
+                .filter(|&o| drop_mask & (1 << (o % 64)) == 0)
+                .collect();
+            let reqs: Vec<&MatchRequest> = participants.iter().map(|&o| &window[o as usize]).collect();
+            let members = w.members_of(BuiltinScorer::Cosine, &participants).unwrap();
+            let (want, got) = (filter(&reqs), w.filter(&members, FastSet::default()));
+            let n = reqs.len() as u32;
+            let free: Vec<bool> = (0..n).map(|x| free_mask & (1 << (x % 64)) != 0).collect();
+            for i in 0..n {
+                for j in 0..n {
+                    prop_assert_eq!(got.allowed(i, j), want.allowed(i, j), "{} {}", i, j);
+                }
+                let (mut a, mut b) = (vec![0u8; n as usize], vec![0u8; n as usize]);
+                got.prefilter(i, 0, &mut a);
+                want.prefilter(i, 0, &mut b);
+                prop_assert_eq!(a, b);
+                let rows = [i, (i * 7 + 3) % n];
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                got.reachable(&rows, &free, &mut a);
+                want.reachable(&rows, &free, &mut b);
+                prop_assert_eq!(a, b);
+            }
+        }
+
         /// Whatever the arrival order, batch sizes and participants, the
         /// seeds give exactly the greedy of the participants' full graph.
         #[test]
@@ -434,15 +509,10 @@ mod tests {
         ) {
             let scorer = if complement { BuiltinScorer::Complement } else { BuiltinScorer::Cosine };
             // Offsets in window order; arrival order shuffled.
-            let mut arrivals: Vec<(i64, MatchRequest)> =
-                window.iter().cloned().enumerate().map(|(i, r)| (i as i64, r)).collect();
-            let mut s = order_seed | 1;
-            for i in (1..arrivals.len()).rev() {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                arrivals.swap(i, (s % (i as u64 + 1)) as usize);
-            }
+            let arrivals = shuffled(
+                window.iter().cloned().enumerate().map(|(i, r)| (i as i64, r)).collect(),
+                order_seed,
+            );
             let participants: Vec<i64> = (0..window.len() as i64)
                 .filter(|&o| drop_mask & (1 << (o % 64)) == 0 || o % 5 == 0)
                 .collect();
