@@ -24,6 +24,7 @@ use super::feedback::{JoinBook, JoinRecord};
 use super::hash::{FastMap, FastSet};
 use super::matchmaker::{match_window_seeded, min_score_f32, MatchParams, Pair};
 use super::pairing::{Scores, WindowFilter, WindowPairs};
+use super::pending::{Pending, PendingRequests, Slot};
 use super::prescore::OpenWindow;
 use super::score::FeatureMatrix;
 use super::users::{UserId, UserTable};
@@ -100,19 +101,6 @@ pub enum OutcomeFate {
     Unknown,
 }
 
-/// A request waiting in a window.
-#[derive(Debug, Clone)]
-struct Pending {
-    request: MatchRequest,
-    /// Its user's id, held while it is pending.
-    user: UserId,
-    /// Its offset in the request partition: where a restore re-reads it, and
-    /// the ingest order (the tie-breaker everywhere).
-    offset: i64,
-    window: i64,
-    windows: u32,
-}
-
 #[derive(Debug, Clone, Default)]
 struct Segment {
     record: SegmentRecord,
@@ -120,8 +108,8 @@ struct Segment {
     /// first window opens ([`window_phase`]) and derived from its state on
     /// restore (any window start or `closed_until` is on the grid).
     phase: Option<i64>,
-    /// Pending request ids by window start, then offset.
-    windows: BTreeMap<i64, BTreeMap<i64, String>>,
+    /// Pending requests' slots by window start, then offset.
+    windows: BTreeMap<i64, BTreeMap<i64, Slot>>,
     /// Windows whose pending requests changed since the last `take_changes`.
     changed_windows: BTreeSet<i64>,
     /// Open windows whose scorer is builtin, scored as they fill (not
@@ -164,11 +152,11 @@ impl Segment {
     }
 
     /// The queue record of window `start`; None once it has no request.
-    fn queue_record(&self, start: i64, requests: &FastMap<String, Pending>) -> Option<QueueRecord> {
+    fn queue_record(&self, start: i64, requests: &PendingRequests) -> Option<QueueRecord> {
         let members = self.windows.get(&start).filter(|m| !m.is_empty())?;
         let waited: Vec<(i64, u32)> = members
             .iter()
-            .map(|(&offset, id)| (offset, requests.get(id).map_or(0, |p| p.windows)))
+            .map(|(&offset, &slot)| (offset, requests.get(slot).map_or(0, |p| p.windows)))
             .collect();
         Some(QueueRecord::new(&waited))
     }
@@ -232,31 +220,27 @@ impl Restoring {
                 )));
             }
             check_request(&request, engine.config.dimension).map_err(|e| fail(e.to_string()))?;
-            if engine.requests.contains_key(&request.request_id) {
+            if engine.requests.contains_id(&request.request_id) {
                 return Err(fail(format!(
                     "request id {:?} is pending twice",
                     request.request_id
                 )));
             }
-            let id = request.request_id.clone();
             let user = engine.users.hold(&request.user);
             let scorer = engine.window_builtin_scorer(&segment, q.window);
             let seg = engine.segments.entry(segment).or_default();
+            seg.enlist(&engine.config, scorer, q.window, offset, &request);
+            let slot = engine.requests.insert(Pending {
+                request,
+                user,
+                offset,
+                window: q.window,
+                windows: q.windows,
+            });
             seg.windows
                 .entry(q.window)
                 .or_default()
-                .insert(offset, id.clone());
-            seg.enlist(&engine.config, scorer, q.window, offset, &request);
-            engine.requests.insert(
-                id,
-                Pending {
-                    request,
-                    user,
-                    offset,
-                    window: q.window,
-                    windows: q.windows,
-                },
-            );
+                .insert(offset, slot);
         }
         match queued.keys().next() {
             Some(&offset) => Err(RestoreError::Replay {
@@ -270,7 +254,6 @@ impl Restoring {
 
 /// A closing window's participants, as `score_and_match` needs them.
 struct WindowMembers<'a> {
-    ids: &'a [String],
     offsets: &'a [i64],
     reqs: &'a [&'a MatchRequest],
     /// The participants' user ids.
@@ -290,7 +273,7 @@ pub struct PartitionEngine {
     clock: EventClock,
     counters: Counters,
     segments: BTreeMap<String, Segment>,
-    requests: FastMap<String, Pending>,
+    requests: PendingRequests,
     /// The users of the pending requests and of the cooldowns.
     users: UserTable,
     cooldowns: CooldownBook,
@@ -323,7 +306,7 @@ impl PartitionEngine {
             clock: EventClock::default(),
             counters: Counters::default(),
             segments: BTreeMap::new(),
-            requests: FastMap::default(),
+            requests: PendingRequests::default(),
             users: UserTable::default(),
             cooldowns: CooldownBook::default(),
             joins: JoinBook::default(),
@@ -463,7 +446,7 @@ impl PartitionEngine {
         now: i64,
     ) -> Result<Option<MatchResult>, IngestError> {
         check_request(&req, self.config.dimension)?;
-        if self.requests.contains_key(&req.request_id) {
+        if self.requests.contains_id(&req.request_id) {
             return Err(IngestError::Duplicate(req.request_id));
         }
         let cfg = &self.config;
@@ -489,7 +472,6 @@ impl PartitionEngine {
             }
             _ => own,
         };
-        let id = req.request_id.clone();
         let scorer = self.window_builtin_scorer(&req.segment, window);
         // A new segment needs no record yet: restore derives its windows
         // from the queue, and an empty record is the default.
@@ -497,24 +479,21 @@ impl PartitionEngine {
             Some(s) => s,
             None => self.segments.entry(req.segment.clone()).or_default(),
         };
+        segment.changed_windows.insert(window);
+        segment.enlist(&self.config, scorer, window, offset, &req);
+        let user = self.users.hold(&req.user);
+        let slot = self.requests.insert(Pending {
+            request: req,
+            user,
+            offset,
+            window,
+            windows: 0,
+        });
         segment
             .windows
             .entry(window)
             .or_default()
-            .insert(offset, id.clone());
-        segment.changed_windows.insert(window);
-        segment.enlist(&self.config, scorer, window, offset, &req);
-        let user = self.users.hold(&req.user);
-        self.requests.insert(
-            id,
-            Pending {
-                request: req,
-                user,
-                offset,
-                window,
-                windows: 0,
-            },
-        );
+            .insert(offset, slot);
         Ok(None)
     }
 
@@ -655,7 +634,11 @@ impl PartitionEngine {
         due.sort();
         due.into_iter()
             .map(|(start, segment)| {
-                let (participants, _) = self.participants(&segment, start);
+                let (taking, _) = self.participants(&segment, start);
+                let participants: Vec<&Pending> = taking
+                    .iter()
+                    .filter_map(|&s| self.requests.get(s))
+                    .collect();
                 let ids: Vec<String> = participants
                     .iter()
                     .map(|p| p.request.request_id.clone())
@@ -679,7 +662,7 @@ impl PartitionEngine {
                 };
                 DueWindow {
                     id: WindowId {
-                        digest: window_digest(&ids),
+                        digest: window_digest(ids.iter().map(String::as_str)),
                         segment,
                         start,
                     },
@@ -816,7 +799,7 @@ impl PartitionEngine {
                     .windows
                     .get(&start)
                     .and_then(|members| members.get(&offset))
-                    .and_then(|id| requests.get(id));
+                    .and_then(|&slot| requests.get(slot));
                 if let Some(p) = pending {
                     seg.enlist(config, Some(scorer), start, offset, &p.request);
                 }
@@ -903,24 +886,24 @@ impl PartitionEngine {
         self.clock.watermark
     }
 
-    /// The requests of a window that take part (one per user: the one that
-    /// waited most windows, then the earliest), in ingest order, and the
-    /// ones held back for a later window.
-    fn participants(&self, segment: &str, start: i64) -> (Vec<&Pending>, Vec<&Pending>) {
+    /// The slots of the requests of a window that take part (one per user:
+    /// the one that waited most windows, then the earliest), in ingest
+    /// order, and of the ones held back for a later window.
+    fn participants(&self, segment: &str, start: i64) -> (Vec<Slot>, Vec<Slot>) {
         let members = self
             .segments
             .get(segment)
             .and_then(|s| s.windows.get(&start))
             .into_iter()
             .flat_map(|m| m.values())
-            .filter_map(|id| self.requests.get(id));
-        let all: Vec<&Pending> = members.collect();
+            .filter_map(|&slot| Some((slot, self.requests.get(slot)?)));
+        let all: Vec<(Slot, &Pending)> = members.collect();
         // Each user's taking request, by index into `all`.
         let mut best: FastMap<UserId, usize> = FastMap::default();
         best.reserve(all.len());
-        for (i, p) in all.iter().enumerate() {
+        for (i, (_, p)) in all.iter().enumerate() {
             let b = best.entry(p.user).or_insert(i);
-            if p.windows > all[*b].windows {
+            if p.windows > all[*b].1.windows {
                 *b = i;
             }
         }
@@ -929,11 +912,11 @@ impl PartitionEngine {
             takes[i] = true;
         }
         let (mut taking, mut held) = (Vec::with_capacity(best.len()), Vec::new());
-        for (p, takes) in all.into_iter().zip(takes) {
+        for ((slot, _), takes) in all.into_iter().zip(takes) {
             if takes {
-                taking.push(p);
+                taking.push(slot);
             } else {
-                held.push(p);
+                held.push(slot);
             }
         }
         (taking, held)
@@ -990,16 +973,7 @@ impl PartitionEngine {
     ) {
         let end = start + self.config.window_millis;
         self.windows_closed += 1;
-        let (participants, held_back) = self.participants(segment, start);
-        let ids: Vec<String> = participants
-            .iter()
-            .map(|p| p.request.request_id.clone())
-            .collect();
-        let held_back: Vec<String> = held_back
-            .iter()
-            .map(|p| p.request.request_id.clone())
-            .collect();
-        let offsets: Vec<i64> = participants.iter().map(|p| p.offset).collect();
+        let (taking, held_back) = self.participants(segment, start);
         let scorer = self.choose_scorer(segment, start);
         let mut prescored = self
             .segments
@@ -1007,12 +981,14 @@ impl PartitionEngine {
             .and_then(|s| s.prescored.remove(&start));
 
         let pairs = {
-            let pending: Vec<&Pending> =
-                ids.iter().filter_map(|id| self.requests.get(id)).collect();
+            let pending: Vec<&Pending> = taking
+                .iter()
+                .filter_map(|&s| self.requests.get(s))
+                .collect();
             let reqs: Vec<&MatchRequest> = pending.iter().map(|p| &p.request).collect();
             let users: Vec<UserId> = pending.iter().map(|p| p.user).collect();
+            let offsets: Vec<i64> = pending.iter().map(|p| p.offset).collect();
             let window = WindowMembers {
-                ids: &ids,
                 offsets: &offsets,
                 reqs: &reqs,
                 users: &users,
@@ -1029,7 +1005,7 @@ impl PartitionEngine {
         // Every participant and held-back request is a member of this
         // window, which goes as a whole below: settling one here is only
         // taking it out of `requests` (not `settle`, which also unlists it).
-        let mut matched = vec![false; ids.len()];
+        let mut matched = vec![false; taking.len()];
         // The window's matches share one cooldown deadline (and list).
         let until = end.saturating_add(self.config.cooldown_millis);
         let mut listed = false;
@@ -1038,8 +1014,8 @@ impl PartitionEngine {
             matched[pair.i as usize] = true;
             matched[pair.j as usize] = true;
             let (Some(a), Some(b)) = (
-                self.requests.remove(&ids[pair.i as usize]),
-                self.requests.remove(&ids[pair.j as usize]),
+                self.requests.remove(taking[pair.i as usize]),
+                self.requests.remove(taking[pair.j as usize]),
             ) else {
                 continue;
             };
@@ -1059,23 +1035,23 @@ impl PartitionEngine {
             self.dirty.insert(Dirty::Cooldowns(until));
         }
 
-        let leftovers = ids
+        let leftovers = taking
             .iter()
             .zip(&matched)
             .filter(|(_, &m)| !m)
-            .map(|(id, _)| id)
-            .chain(&held_back);
+            .map(|(&slot, _)| slot)
+            .chain(held_back);
         let mut carried = Vec::new();
-        for id in leftovers {
+        for slot in leftovers {
             let max_wait = self.config.max_wait_windows;
-            let Some(p) = self.requests.get_mut(id) else {
+            let Some(p) = self.requests.get_mut(slot) else {
                 continue;
             };
             p.windows += 1;
             if p.windows < max_wait {
                 p.window = end;
-                carried.push((p.offset, id.clone()));
-            } else if let Some(p) = self.requests.remove(id) {
+                carried.push((p.offset, slot));
+            } else if let Some(p) = self.requests.remove(slot) {
                 self.users.release(p.user);
                 self.counters.expired += 1;
                 results.push(self.expired(&p.request, p.windows, ExpiryReason::NoPartner, now));
@@ -1113,7 +1089,6 @@ impl PartitionEngine {
         external: &HashMap<WindowId, Vec<f32>>,
     ) -> (String, Vec<Pair>, bool) {
         let WindowMembers {
-            ids,
             offsets,
             reqs,
             users,
@@ -1136,7 +1111,7 @@ impl PartitionEngine {
                 let id = WindowId {
                     segment: segment.to_string(),
                     start,
-                    digest: window_digest(ids),
+                    digest: window_digest(reqs.iter().map(|r| r.request_id.as_str())),
                 };
                 match external.get(&id).and_then(|s| Scores::external(n, s)) {
                     Some(s) => (spec.name.clone(), Some(s)),
@@ -1279,6 +1254,6 @@ fn check_request(r: &MatchRequest, dimension: usize) -> Result<(), IngestError> 
 }
 
 /// Hash of a window's request ids in order.
-fn window_digest(ids: &[String]) -> u64 {
-    ids.iter().fold(Digest::new(), |d, id| d.str(id)).finish64()
+fn window_digest<'a>(ids: impl Iterator<Item = &'a str>) -> u64 {
+    ids.fold(Digest::new(), |d, id| d.str(id)).finish64()
 }

@@ -164,6 +164,7 @@ pub mod feedback;
 pub(crate) mod hash;
 pub mod matchmaker;
 pub mod pairing;
+mod pending;
 pub mod prescore;
 pub mod score;
 pub mod users;
