@@ -779,10 +779,11 @@ impl PartitionEngine {
                 window.score_new(min, from);
                 // Event time is past the window's end: it closes within the
                 // out-of-order bound and takes only stragglers till then.
-                // Its lists are cut now rather than at the close (cutting
-                // them after every read costs more than the close saves).
+                // Its lists are cut and its edges sorted now rather than at
+                // the close (doing it after every read would cost more than
+                // the close saves).
                 if newest.is_some_and(|t| t >= start.saturating_add(w)) {
-                    window.cut_lists();
+                    window.presort();
                 }
             }
         }

@@ -102,7 +102,7 @@ impl Edge {
     /// (best first), for windows of at most 2¹⁶ requests: sorting these is
     /// several times cheaper than sorting edges with `cmp`, and the greedy
     /// sorts n · K of them per window.
-    fn sort_key(self) -> u64 {
+    pub(crate) fn sort_key(self) -> u64 {
         (u64::from(!ordered_bits(self.score)) << 32)
             | (u64::from(self.lo) << 16)
             | u64::from(self.hi)
@@ -130,7 +130,7 @@ impl Edge {
         }
     }
 
-    fn from_sort_key(key: u64) -> Self {
+    pub(crate) fn from_sort_key(key: u64) -> Self {
         let t = ((!((key >> 32) as u32)) ^ 0x8000_0000) as i32;
         let bits = t ^ ((((t >> 31) as u32) >> 1) as i32);
         Edge {
@@ -159,7 +159,7 @@ fn sort_best_first(edges: &mut Vec<Edge>, n: usize) {
 /// For a window's n · K edge keys ~3× faster than a comparison sort, and
 /// half the passes of sorting all eight bytes: equal scores are rare, so
 /// the runs are short and the lower bytes (the ends) mostly never looked at.
-fn radix_sort(keys: &mut Vec<u64>) {
+pub(crate) fn radix_sort(keys: &mut Vec<u64>) {
     if keys.len() < 512 {
         keys.sort_unstable();
         return;
@@ -189,12 +189,18 @@ fn radix_sort(keys: &mut Vec<u64>) {
         }
         std::mem::swap(&mut from, &mut to);
     }
-    for run in from.chunk_by_mut(|a, b| a >> 32 == b >> 32) {
+    sort_ties(&mut from);
+    *keys = from;
+}
+
+/// Sorts each run of `keys` that are equal in their upper four bytes (an
+/// edge key's score): keys sorted by score, made sorted whole.
+pub(crate) fn sort_ties(keys: &mut [u64]) {
+    for run in keys.chunk_by_mut(|a, b| a >> 32 == b >> 32) {
         if run.len() > 1 {
             run.sort_unstable();
         }
     }
-    *keys = from;
 }
 
 impl Ord for Edge {
@@ -494,6 +500,8 @@ pub fn greedy(src: &impl PairSource, min_score: f64, top_k: usize) -> Vec<Pair> 
 pub(crate) struct Seeds {
     pub(crate) edges: Vec<Edge>,
     pub(crate) floors: Vec<(Edge, u32)>,
+    /// The edges are already best first.
+    pub(crate) sorted: bool,
 }
 
 impl Seeds {
@@ -501,6 +509,7 @@ impl Seeds {
         Seeds {
             edges: Vec::with_capacity(edges),
             floors: Vec::new(),
+            sorted: false,
         }
     }
 }
@@ -523,11 +532,14 @@ pub(crate) fn greedy_seeded(
     let Seeds {
         mut edges,
         mut floors,
+        sorted,
     } = seeds;
     // Requests whose lists are full (there may be more edges below), by floor.
     floors.sort_unstable_by(|a, b| b.cmp(a));
     let mut floors = SortedQueue::new(floors);
-    sort_best_first(&mut edges, n);
+    if !sorted {
+        sort_best_first(&mut edges, n);
+    }
     let mut queue = SortedQueue::new(edges);
 
     let mut free = vec![true; n];

@@ -28,7 +28,7 @@ use matchfleet_api::match_pipeline::BuiltinScorer;
 use matchfleet_api::matching::MatchRequest;
 
 use super::hash::{FastMap, FastSet};
-use super::matchmaker::{offer_hits, Candidates, Edge, Seeds, BLOCK_ROWS};
+use super::matchmaker::{offer_hits, radix_sort, sort_ties, Candidates, Edge, Seeds, BLOCK_ROWS};
 use super::pairing::{builtin_scores, Lanes, WindowFilter};
 use super::score::{normalize_row, score_packed, FeatureMatrix, PackedColumns};
 
@@ -67,6 +67,17 @@ pub struct OpenWindow {
     /// Buffers of `score_new`, kept between calls (and with the window's
     /// reuse): allocating and zeroing them per call showed in profiles.
     scratch: Scratch,
+    presorted: Presorted,
+}
+
+/// The seed edges of all members, sorted best first by member index
+/// ([`OpenWindow::presort`]).
+#[derive(Debug, Clone, Default)]
+struct Presorted {
+    /// Sort keys ([`Edge::sort_key`]) of the edges in members' lists, each once.
+    keys: Vec<u64>,
+    /// Members scored when they were sorted; None before.
+    scored: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -90,6 +101,7 @@ impl OpenWindow {
             scored: 0,
             gave_up: false,
             scratch: Scratch::default(),
+            presorted: Presorted::default(),
         }
     }
 
@@ -105,6 +117,8 @@ impl OpenWindow {
         self.cands.clear();
         self.scored = 0;
         self.gave_up = false;
+        self.presorted.keys.clear();
+        self.presorted.scored = None;
     }
 
     pub fn len(&self) -> usize {
@@ -223,10 +237,38 @@ impl OpenWindow {
         self.scratch = Scratch { scores: out, hits };
     }
 
-    /// Cuts every list down to its best K now, so that the close has
-    /// (nearly) nothing left to sort.
-    pub fn cut_lists(&mut self) {
-        self.cands.cut_long();
+    /// Called once the window takes only stragglers (event time is past its
+    /// end), after scoring: the first time, cuts every list to its best K
+    /// and sorts the edges of all lists best first, so that a close whose
+    /// members were all scored by then only has to pick the participants'
+    /// edges in that order (sorting them was ~1–2 ms of a large window's
+    /// close). Built once: when stragglers are scored after it, later calls
+    /// only cut the lists down (the close then sorts its seeds itself).
+    pub fn presort(&mut self) {
+        let n = self.len();
+        if self.presorted.scored.is_some() || self.gave_up || self.scored < n || n > 1 << 16 {
+            self.cands.cut_long();
+            return;
+        }
+        let mut keys = std::mem::take(&mut self.presorted.keys);
+        keys.clear();
+        for m in 0..n {
+            self.cands.finish(m);
+        }
+        for m in 0..n {
+            for &e in self.cands.kept(m).0 {
+                let other = if e.lo == m as u32 { e.hi } else { e.lo };
+                // An edge in both lists is taken from the lower member's.
+                if !((other as usize) < m && self.cands.holds(other as usize, e)) {
+                    keys.push(e.sort_key());
+                }
+            }
+        }
+        radix_sort(&mut keys);
+        self.presorted = Presorted {
+            keys,
+            scored: Some(n),
+        };
     }
 
     /// The member indices of a close's participants (their offsets, in
@@ -266,6 +308,9 @@ impl OpenWindow {
         in_cooldown: impl Fn(u32, u32) -> bool,
     ) -> Seeds {
         self.score_new(min, 0);
+        if self.presorted.scored == Some(self.scored) {
+            return self.presorted_seeds(members, in_cooldown);
+        }
         let mut by_member = vec![u32::MAX; self.len()];
         for (p, &m) in members.iter().enumerate() {
             by_member[m as usize] = p as u32;
@@ -289,6 +334,38 @@ impl OpenWindow {
         }
         seeds
     }
+
+    /// [`Self::seeds`] from the presorted edges: the participants' ones in
+    /// that order, renumbered; only ties (equal scores) need sorting again
+    /// for the participants' numbering.
+    fn presorted_seeds(&self, members: &[u32], in_cooldown: impl Fn(u32, u32) -> bool) -> Seeds {
+        let mut by_member = vec![u32::MAX; self.len()];
+        for (p, &m) in members.iter().enumerate() {
+            by_member[m as usize] = p as u32;
+        }
+        let mut keys = Vec::with_capacity(self.presorted.keys.len());
+        for &k in &self.presorted.keys {
+            let e = Edge::from_sort_key(k);
+            let (p, q) = (by_member[e.lo as usize], by_member[e.hi as usize]);
+            if p != u32::MAX && q != u32::MAX && !in_cooldown(p, q) {
+                keys.push(Edge::new(e.score, p, q).sort_key());
+            }
+        }
+        sort_ties(&mut keys);
+        let floors = members
+            .iter()
+            .enumerate()
+            .filter_map(|(p, &m)| {
+                let floor = self.cands.kept(m as usize).1?;
+                Some((Edge::above_all_of(floor.score), p as u32))
+            })
+            .collect();
+        Seeds {
+            edges: keys.into_iter().map(Edge::from_sort_key).collect(),
+            floors,
+            sorted: true,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -306,6 +383,13 @@ mod tests {
         pairs_with(reqs, scorer, filter(reqs))
     }
 
+    /// The filter of `reqs` with the index pairs `blocked` in cooldown.
+    fn filter_blocked(reqs: &[&MatchRequest], blocked: FastSet<(u32, u32)>) -> WindowFilter {
+        let mut users = crate::matching::users::UserTable::default();
+        let ids: Vec<u32> = reqs.iter().map(|r| users.hold(&r.user)).collect();
+        WindowFilter::new(reqs, &ids, blocked)
+    }
+
     fn pairs_with<'a>(
         reqs: &[&MatchRequest],
         scorer: BuiltinScorer,
@@ -319,29 +403,37 @@ mod tests {
         }
     }
 
-    /// Prescores `arrivals` (offset, request) in batches of `batch`, then
-    /// matches `participants` (offsets, in order) from the seeds.
+    /// Prescores `arrivals` (offset, request) in batches of `batch`
+    /// (presorting after batch `presort_after`, as if the window's end had
+    /// passed: later batches are stragglers), then matches `participants`
+    /// (offsets, in order) from the seeds.
+    #[allow(clippy::too_many_arguments)]
     fn prescored(
         arrivals: &[(i64, MatchRequest)],
         participants: &[i64],
         k: usize,
         batch: usize,
+        presort_after: Option<usize>,
+        blocked: &FastSet<(u32, u32)>,
         min: f64,
         scorer: BuiltinScorer,
     ) -> Option<Vec<Pair>> {
         let mut w = OpenWindow::new(scorer, 2, k);
-        for chunk in arrivals.chunks(batch.max(1)) {
+        for (b, chunk) in arrivals.chunks(batch.max(1)).enumerate() {
             for (offset, r) in chunk {
                 w.add(*offset, r);
             }
             w.score_new(min_score_f32(min), 0);
+            if presort_after.is_some_and(|a| b >= a) {
+                w.presort();
+            }
         }
         let by_offset: FastMap<i64, &MatchRequest> =
             arrivals.iter().map(|(o, r)| (*o, r)).collect();
         let reqs: Vec<&MatchRequest> = participants.iter().map(|o| by_offset[o]).collect();
         let members = w.members_of(scorer, participants)?;
         // As the close does it: the filter from the window's lanes.
-        let src = pairs_with(&reqs, scorer, w.filter(&members, FastSet::default()));
+        let src = pairs_with(&reqs, scorer, w.filter(&members, blocked.clone()));
         let seeds = w.seeds(min_score_f32(min), &members, |p, q| {
             src.filter.in_cooldown(p, q)
         });
@@ -364,7 +456,18 @@ mod tests {
             .map(|i| (i as i64, anyone(i, i, [1.0, 1.0])))
             .collect();
         let participants: Vec<i64> = (0..6).collect();
-        let got = prescored(&arrivals, &participants, 1, 1, -1.0, BuiltinScorer::Cosine).unwrap();
+        let none = FastSet::default();
+        let got = prescored(
+            &arrivals,
+            &participants,
+            1,
+            1,
+            None,
+            &none,
+            -1.0,
+            BuiltinScorer::Cosine,
+        )
+        .unwrap();
         let reqs: Vec<&MatchRequest> = (0..6).map(|i| &arrivals[5 - i].1).collect();
         let want = greedy(&pairs(&reqs, BuiltinScorer::Cosine), -1.0, 1);
         assert_eq!(got, want);
@@ -504,6 +607,8 @@ mod tests {
             drop_mask in any::<u64>(),
             k in 1usize..5,
             batch in 1usize..20,
+            presort_after in prop::option::of(0usize..6),
+            cooldown_seed in any::<u64>(),
             min in prop::sample::select(vec![-1.0, 0.0, 0.5]),
             complement in any::<bool>(),
         ) {
@@ -517,8 +622,15 @@ mod tests {
                 .filter(|&o| drop_mask & (1 << (o % 64)) == 0 || o % 5 == 0)
                 .collect();
             let reqs: Vec<&MatchRequest> = participants.iter().map(|&o| &window[o as usize]).collect();
-            let want = greedy(&pairs(&reqs, scorer), min, k);
-            let got = prescored(&arrivals, &participants, k, batch, min, scorer).unwrap();
+            // Some participant pairs in cooldown (about one in six).
+            let n = reqs.len() as u32;
+            let blocked: FastSet<(u32, u32)> = (0..n)
+                .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+                .filter(|&(i, j)| (u64::from(i * 61 + j * 17) ^ cooldown_seed) % 6 == 0)
+                .collect();
+            let want = greedy(&pairs_with(&reqs, scorer, filter_blocked(&reqs, blocked.clone())), min, k);
+            let got = prescored(&arrivals, &participants, k, batch, presort_after, &blocked, min, scorer)
+                .unwrap();
             prop_assert_eq!(got, want);
         }
     }
