@@ -291,9 +291,9 @@ pub struct PartitionEngine {
     windows_prescored: u64,
     /// The meta value last written (or restored).
     last_meta: Option<Vec<u8>>,
-    /// What is left of the requests the last close settled (vectors,
-    /// profiles), dropped by the next `prescore`: freeing a large window's
-    /// worth is ~0.5 ms the results need not wait for.
+    /// The requests the last close settled, whose ids are forgotten (and
+    /// whose vectors and profiles freed) by the next `prescore` or
+    /// `ingest`: for a large window ~1 ms the results need not wait for.
     settled: Vec<Pending>,
 }
 
@@ -446,6 +446,7 @@ impl PartitionEngine {
         now: i64,
     ) -> Result<Option<MatchResult>, IngestError> {
         check_request(&req, self.config.dimension)?;
+        self.forget_settled();
         if self.requests.contains_id(&req.request_id) {
             return Err(IngestError::Duplicate(req.request_id));
         }
@@ -769,7 +770,7 @@ impl PartitionEngine {
     /// close would otherwise do, done while it fills. A no-op for pipelines
     /// whose windows get their scorer only at the close.
     pub fn prescore(&mut self) {
-        self.settled.clear();
+        self.forget_settled();
         self.enlist_carried();
         let min = min_score_f32(self.config.min_score);
         let from = self.config.prescore_from;
@@ -786,6 +787,13 @@ impl PartitionEngine {
                     window.presort();
                 }
             }
+        }
+    }
+
+    /// Forgets the ids of the requests the last close settled (see `settled`).
+    fn forget_settled(&mut self) {
+        for p in self.settled.drain(..) {
+            self.requests.forget(&p.request.request_id);
         }
     }
 
@@ -1015,8 +1023,8 @@ impl PartitionEngine {
             matched[pair.i as usize] = true;
             matched[pair.j as usize] = true;
             let (Some(a), Some(b)) = (
-                self.requests.remove(taking[pair.i as usize]),
-                self.requests.remove(taking[pair.j as usize]),
+                self.requests.settle(taking[pair.i as usize]),
+                self.requests.settle(taking[pair.j as usize]),
             ) else {
                 continue;
             };
@@ -1202,10 +1210,10 @@ impl PartitionEngine {
         now: i64,
     ) -> MatchResult {
         let match_id = ids.of(&a.request.request_id, &b.request.request_id);
-        // The requests are settled: their names move into the result, the
-        // rest is dropped after the commit is on its way.
+        // The requests are settled: their users' names move into the
+        // result, the rest waits for `forget_settled`.
         let side = |p: &mut Pending| MatchedUser {
-            request_id: std::mem::take(&mut p.request.request_id),
+            request_id: p.request.request_id.clone(),
             user: std::mem::take(&mut p.request.user),
             event_time: p.request.event_time,
         };

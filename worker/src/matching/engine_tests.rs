@@ -751,6 +751,29 @@ fn refused_requests_change_nothing() {
 }
 
 #[test]
+fn a_settled_request_s_id_is_free_again() {
+    let mut e = engine(&settings());
+    ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);
+    ingest(&mut e, req("b", "bob", 100, "m", [1.0, 0.2]), 0);
+    ingest(&mut e, req("z", "zoe", 1300, "f", [1.0, 0.0]), 0);
+    assert_eq!(
+        matched_ids(&e.close(0, &none())),
+        vec![("a".into(), "b".into())]
+    );
+    assert_eq!(e.pending(), 1);
+    // Straight after the close (no `prescore` in between), as after one.
+    assert_eq!(
+        e.ingest(req("a", "ann", 1400, "f", [1.0, 0.0]), 5, 0),
+        Ok(None)
+    );
+    assert_eq!(
+        e.ingest(req("a", "ann", 1400, "f", [1.0, 0.0]), 6, 0),
+        Err(IngestError::Duplicate("a".into()))
+    );
+    assert_eq!(e.pending(), 2);
+}
+
+#[test]
 fn the_queue_names_pending_requests_by_offset_and_goes_when_empty() {
     let mut e = engine(&settings());
     ingest(&mut e, req("a", "ann", 100, "f", [1.0, 0.0]), 0);

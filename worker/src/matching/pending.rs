@@ -30,8 +30,11 @@ pub(crate) struct PendingRequests {
     /// By slot; `None` for a slot free for reuse.
     slots: Vec<Option<Pending>>,
     free: Vec<Slot>,
-    /// Slot by request id.
+    /// Slot by request id; also the ids of settled requests not yet
+    /// forgotten ([`Self::settle`]).
     by_id: FastMap<String, Slot>,
+    /// Requests in `slots`.
+    live: usize,
 }
 
 impl PendingRequests {
@@ -54,6 +57,7 @@ impl PendingRequests {
             }
         };
         self.by_id.insert(id, slot);
+        self.live += 1;
         slot
     }
 
@@ -66,14 +70,30 @@ impl PendingRequests {
     }
 
     pub(crate) fn remove(&mut self, slot: Slot) -> Option<Pending> {
-        let p = self.slots.get_mut(slot as usize)?.take()?;
-        self.by_id.remove(&p.request.request_id);
-        self.free.push(slot);
+        let p = self.settle(slot)?;
+        self.forget(&p.request.request_id);
         Some(p)
     }
 
+    /// Takes a request out, its id still known (a request with that id is
+    /// still refused) until [`Self::forget`]: a close settles a thousand
+    /// requests, and unindexing their ids (a hash and a cache miss each)
+    /// can wait until its results are on their way.
+    pub(crate) fn settle(&mut self, slot: Slot) -> Option<Pending> {
+        let p = self.slots.get_mut(slot as usize)?.take()?;
+        self.free.push(slot);
+        self.live -= 1;
+        Some(p)
+    }
+
+    /// Forgets a settled request's id.
+    pub(crate) fn forget(&mut self, request_id: &str) {
+        self.by_id.remove(request_id);
+    }
+
+    /// Requests pending.
     pub(crate) fn len(&self) -> usize {
-        self.by_id.len()
+        self.live
     }
 }
 
@@ -109,5 +129,15 @@ mod tests {
         let c = p.insert(pending("c"));
         assert_eq!(c, a, "the free slot is reused");
         assert!(p.get(99).is_none() && p.remove(99).is_none());
+
+        let settled = p.settle(b).unwrap();
+        assert!(p.get(b).is_none() && p.settle(b).is_none());
+        assert_eq!(p.len(), 1, "c");
+        assert!(p.contains_id("b"), "known until forgotten");
+        let d = p.insert(pending("d"));
+        assert_eq!(d, b, "its slot is free at once");
+        p.forget(&settled.request.request_id);
+        assert!(!p.contains_id("b") && p.contains_id("d"));
+        assert_eq!(p.get(d).map(|x| x.request.request_id.as_str()), Some("d"));
     }
 }
