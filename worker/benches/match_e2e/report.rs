@@ -354,11 +354,12 @@ pub fn print(r: &Report<'_>) {
             .unwrap_or(0.0)
     };
     println!(
-        "worker: {:.0} requests, {:.0} windows closed ({:.0} from prescored lists), {:.0} matched pairs, {:.0} expired, {:.0} transactions \
+        "worker: {:.0} requests, {:.0} windows closed ({:.0} from prescored lists, {:.0} of them presorted), {:.0} matched pairs, {:.0} expired, {:.0} transactions \
          (mean {:.2} ms each), {:.0} failed",
         w("requests_total"),
         w("windows_closed_total"),
         w("windows_prescored_total"),
+        w("windows_presorted_total"),
         w("matched_total"),
         w("expired_total"),
         w("commits_total"),

@@ -37,6 +37,7 @@ pub struct MatchMetrics {
     pub dead_lettered: AtomicU64,
     pub windows_closed: AtomicU64,
     pub windows_prescored: AtomicU64,
+    pub windows_presorted: AtomicU64,
     pub matched: AtomicU64,
     pub expired: AtomicU64,
     pub commits: AtomicU64,
@@ -89,6 +90,11 @@ impl MatchMetrics {
                 "windows_prescored_total",
                 "Windows matched from candidate lists scored while they filled.",
                 get(&self.windows_prescored),
+            ),
+            (
+                "windows_presorted_total",
+                "Prescored windows whose candidate edges were sorted before the close.",
+                get(&self.windows_presorted),
             ),
             (
                 "matched_total",

@@ -215,7 +215,11 @@ impl MatchWorker {
             } else {
                 HashMap::new()
             };
-            let closed_before = (engine.windows_closed(), engine.windows_prescored());
+            let closed_before = (
+                engine.windows_closed(),
+                engine.windows_prescored(),
+                engine.windows_presorted(),
+            );
             let close_started = Instant::now();
             pending.results.extend(engine.close(now, &external));
             let closed = engine.windows_closed() - closed_before.0;
@@ -229,6 +233,10 @@ impl MatchWorker {
             MatchMetrics::add(
                 &self.metrics.windows_prescored,
                 engine.windows_prescored() - closed_before.1,
+            );
+            MatchMetrics::add(
+                &self.metrics.windows_presorted,
+                engine.windows_presorted() - closed_before.2,
             );
             pending.samples.extend(engine.settle_feedback(now));
             let settled = !pending.results.is_empty()

@@ -252,6 +252,17 @@ impl Restoring {
     }
 }
 
+/// Where a close's greedy started from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seeded {
+    /// Its own first pass.
+    No,
+    /// The lists prescored while the window filled.
+    Lists,
+    /// Those lists' edges, sorted before the close.
+    Presorted,
+}
+
 /// A closing window's participants, as `score_and_match` needs them.
 struct WindowMembers<'a> {
     offsets: &'a [i64],
@@ -289,6 +300,8 @@ pub struct PartitionEngine {
     windows_closed: u64,
     /// Of those, the ones matched from lists prescored while they filled.
     windows_prescored: u64,
+    /// Of those, the ones whose edges were sorted before the close.
+    windows_presorted: u64,
     /// The meta value last written (or restored).
     last_meta: Option<Vec<u8>>,
     /// The requests the last close settled, whose ids are forgotten (and
@@ -316,6 +329,7 @@ impl PartitionEngine {
             cooldown_chunks: BTreeMap::new(),
             windows_closed: 0,
             windows_prescored: 0,
+            windows_presorted: 0,
             last_meta: None,
             settled: Vec::new(),
         }
@@ -828,6 +842,11 @@ impl PartitionEngine {
         self.windows_prescored
     }
 
+    /// Of the prescored windows, those matched from edges sorted before their close.
+    pub fn windows_presorted(&self) -> u64 {
+        self.windows_presorted
+    }
+
     pub fn counters(&self) -> BTreeMap<String, u64> {
         self.counters.to_map()
     }
@@ -1006,14 +1025,15 @@ impl PartitionEngine {
             self.score_and_match(segment, start, window, scorer, external)
         };
         let (scorer_name, pairs, seeded) = pairs;
-        self.windows_prescored += u64::from(seeded);
+        self.windows_prescored += u64::from(seeded != Seeded::No);
+        self.windows_presorted += u64::from(seeded == Seeded::Presorted);
         if let (Some(seg), Some(window)) = (self.segments.get_mut(segment), prescored) {
             seg.spare = Some(window);
         }
 
         // Every participant and held-back request is a member of this
-        // window, which goes as a whole below: settling one here is only
-        // taking it out of `requests` (not `settle`, which also unlists it).
+        // window, whose list goes as a whole below: settling one here only
+        // takes it out of its slot.
         let mut matched = vec![false; taking.len()];
         // The window's matches share one cooldown deadline (and list).
         let until = end.saturating_add(self.config.cooldown_millis);
@@ -1096,7 +1116,7 @@ impl PartitionEngine {
         window: WindowMembers<'_>,
         scorer: usize,
         external: &HashMap<WindowId, Vec<f32>>,
-    ) -> (String, Vec<Pair>, bool) {
+    ) -> (String, Vec<Pair>, Seeded) {
         let WindowMembers {
             offsets,
             reqs,
@@ -1134,7 +1154,7 @@ impl PartitionEngine {
         // Vectors were validated on ingest and restore, so `scores` is set;
         // if not, nobody is matched rather than anyone on garbage.
         let Some(scores) = scores else {
-            return (name, Vec::new(), false);
+            return (name, Vec::new(), Seeded::No);
         };
         // Prescored lists are only for the scorer they were scored with.
         let used = match &spec.kind {
@@ -1160,12 +1180,16 @@ impl PartitionEngine {
             exact_below: self.config.exact_below,
             top_k: self.config.top_k,
         };
-        let mut seeded = false;
+        let mut seeded = Seeded::No;
         let seeds = || {
             let (window, members) = prescored.as_mut()?;
             let min = min_score_f32(self.config.min_score);
-            seeded = true;
-            Some(window.seeds(min, members, |p, q| pairs.filter.in_cooldown(p, q)))
+            let seeds = window.seeds(min, members, |p, q| pairs.filter.in_cooldown(p, q));
+            seeded = match seeds.sorted {
+                true => Seeded::Presorted,
+                false => Seeded::Lists,
+            };
+            Some(seeds)
         };
         let matched = match_window_seeded(&pairs, &params, seeds);
         (name, matched, seeded)

@@ -498,8 +498,20 @@ fn requests_carried_over_join_the_next_window_s_prescoring() {
     // [1000, 2000): eve and sue take the two carried men, matched from the
     // lists kept while it filled, the carried men's included.
     ingest(&mut e, req("r7", "tom", 2300, "m", [1.0, 0.0]), 0);
+    assert_eq!(
+        e.windows_presorted(),
+        0,
+        "no window closed yet after its end"
+    );
+    // Event time is past the window's end: its edges are sorted now.
+    e.prescore();
     assert_eq!(matched(&e.close(0, &none())), 2);
     assert_eq!((e.windows_closed(), e.windows_prescored()), (2, 2));
+    assert_eq!(
+        e.windows_presorted(),
+        1,
+        "the first window closed before its presort"
+    );
 }
 
 #[test]
