@@ -713,9 +713,19 @@ pub(crate) mod tests {
         WindowFilter::new(reqs, &ids, book.blocked(&ids, start))
     }
 
+    /// The filter of `reqs` with the index pairs `blocked` in cooldown.
+    pub(crate) fn filter_blocked(
+        reqs: &[&MatchRequest],
+        blocked: FastSet<(u32, u32)>,
+    ) -> WindowFilter {
+        let mut users = UserTable::default();
+        let ids: Vec<UserId> = reqs.iter().map(|r| users.hold(&r.user)).collect();
+        WindowFilter::new(reqs, &ids, blocked)
+    }
+
     /// The filter of a window without cooldowns.
     pub(crate) fn filter(reqs: &[&MatchRequest]) -> WindowFilter {
-        filter_with(reqs, &CooldownBook::default(), &mut UserTable::default(), 0)
+        filter_blocked(reqs, FastSet::default())
     }
 
     pub(crate) fn request(

@@ -372,8 +372,7 @@ impl OpenWindow {
 mod tests {
     use super::*;
     use crate::matching::matchmaker::{greedy, greedy_seeded, min_score_f32, Pair};
-    use crate::matching::pairing::tests::filter;
-    use crate::matching::pairing::tests::request;
+    use crate::matching::pairing::tests::{filter, filter_blocked, request};
     use crate::matching::pairing::{Scores, WindowPairs};
     use proptest::prelude::*;
 
@@ -381,13 +380,6 @@ mod tests {
     /// builds it (or with another `filter`).
     fn pairs<'a>(reqs: &[&MatchRequest], scorer: BuiltinScorer) -> WindowPairs<'a> {
         pairs_with(reqs, scorer, filter(reqs))
-    }
-
-    /// The filter of `reqs` with the index pairs `blocked` in cooldown.
-    fn filter_blocked(reqs: &[&MatchRequest], blocked: FastSet<(u32, u32)>) -> WindowFilter {
-        let mut users = crate::matching::users::UserTable::default();
-        let ids: Vec<u32> = reqs.iter().map(|r| users.hold(&r.user)).collect();
-        WindowFilter::new(reqs, &ids, blocked)
     }
 
     fn pairs_with<'a>(
