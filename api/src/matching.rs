@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 mod request_json;
+mod result_json;
 
 /// A user asking to be matched. Kafka key: the segment (so a segment lives
 /// on one partition and every window is complete on its owner).
@@ -230,6 +231,12 @@ pub enum MatchResult {
 }
 
 impl MatchResult {
+    /// Appends this result's JSON to `out`: the bytes `serde_json::to_vec`
+    /// returns, written without its generic path (see `result_json`).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        result_json::write(self, out)
+    }
+
     /// The request ids this result settles.
     pub fn request_ids(&self) -> Vec<&str> {
         match self {

@@ -67,6 +67,10 @@ struct Uncommitted {
     read: bool,
 }
 
+/// Room for one result record's JSON up front (a match is ~350 bytes with
+/// the ids the load generator uses; longer ids grow the buffer once).
+const RESULT_JSON_CAPACITY: usize = 384;
+
 fn wall_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -376,7 +380,11 @@ impl MatchWorker {
         let commit = Commit {
             results: results
                 .iter()
-                .map(|r| (result_key(r), serde_json::to_vec(r).unwrap_or_default()))
+                .map(|r| {
+                    let mut json = Vec::with_capacity(RESULT_JSON_CAPACITY);
+                    r.write_json(&mut json);
+                    (result_key(r), json)
+                })
                 .collect(),
             samples: samples
                 .iter()
