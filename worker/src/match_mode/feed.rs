@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::metrics::MatchMetrics;
+use super::priority::at_default;
 use crate::matching::hash::FastMap;
 
 /// Recent matches kept per user for the polling fallback.
@@ -177,15 +178,17 @@ pub async fn tail(
     metrics: Arc<MatchMetrics>,
     stop: CancellationToken,
 ) {
-    let consumer: StreamConsumer = match ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", &bootstrap)
         // No offsets are committed: each worker reads everything new.
         .set("group.id", "matchfleet-results-feed")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-    {
+        .set("fetch.wait.max.ms", "5");
+    // librdkafka's threads at the process's priority (see `priority`).
+    let created = at_default(move || config.create::<StreamConsumer>()).await;
+    let consumer = match created.and_then(|c| c.map_err(anyhow::Error::from)) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot tail the results topic: no nudges");

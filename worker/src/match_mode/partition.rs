@@ -19,6 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{error, info, warn, Instrument};
 
 use super::metrics::MatchMetrics;
+use super::priority::at_default;
 use super::restore;
 use super::scorers::score_http_windows;
 use super::txn::{Commit, OwnedLetter, Transactions};
@@ -79,8 +80,9 @@ fn wall_millis() -> i64 {
 }
 
 impl MatchWorker {
-    fn consumer(&self, partition: i32) -> anyhow::Result<StreamConsumer> {
-        let consumer: StreamConsumer = ClientConfig::new()
+    async fn consumer(&self, partition: i32) -> anyhow::Result<StreamConsumer> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", &self.group)
             .set("enable.auto.commit", "false")
@@ -95,8 +97,9 @@ impl MatchWorker {
             // for their window (a second by default) anyway; 50 ms of read
             // delay at low rates is the price.
             .set("fetch.wait.max.ms", "50")
-            .set("fetch.min.bytes", "65536")
-            .create()?;
+            .set("fetch.min.bytes", "65536");
+        // librdkafka's threads at the process's priority (see `priority`).
+        let consumer: StreamConsumer = at_default(move || config.create()).await??;
         let mut tpl = TopicPartitionList::new();
         // `Stored`: the offset the last committed transaction left (earliest if none).
         tpl.add_partition_offset(&self.topics.source, partition, Offset::Stored)?;
@@ -142,7 +145,7 @@ impl MatchWorker {
         if !guard.valid() {
             return Ok(WorkEnd::Killed);
         }
-        let consumer = self.consumer(partition)?;
+        let consumer = self.consumer(partition).await?;
         if consumer.group_metadata().is_none() {
             anyhow::bail!("the consumer has no group metadata");
         }

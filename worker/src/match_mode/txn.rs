@@ -15,6 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::priority::JobThread;
 use crate::dead_letters::Letter;
 
 /// How long one transactional call may block.
@@ -48,7 +49,7 @@ pub struct FeedbackTopics {
     pub samples_partitions: i32,
 }
 
-/// A malformed record, owned so it can cross into the blocking commit.
+/// A malformed record, owned so it can cross to the transaction thread.
 #[derive(Debug, Clone)]
 pub struct OwnedLetter {
     /// The topic it was read from (requests or outcomes).
@@ -77,11 +78,14 @@ pub struct Commit {
 
 /// A partition's transactional producer. A `BaseProducer` with no polling
 /// thread of its own: its delivery reports are served by the commit that
-/// waits for them (`wait_delivered`), on the blocking thread the commit runs
-/// on. (A `ThreadedProducer` per partition costs a thread that wakes
-/// constantly - ~6% of the worker's core under load, 16 partitions.)
+/// waits for them (`wait_delivered`), on the partition's transaction thread.
+/// (A `ThreadedProducer` per partition costs a thread that wakes constantly:
+/// ~6% of the worker's core under load, 16 partitions.) That thread and the
+/// producer's librdkafka threads are started at the process's priority, not
+/// the niced partition loop's (see `priority`).
 pub struct Transactions {
     producer: Arc<BaseProducer<DefaultProducerContext>>,
+    thread: JobThread,
     topics: Topics,
     partition: i32,
 }
@@ -95,7 +99,8 @@ impl Transactions {
         topics: Topics,
         partition: i32,
     ) -> anyhow::Result<Self> {
-        let producer: BaseProducer<DefaultProducerContext> = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", bootstrap)
             .set("transactional.id", transactional_id)
             .set("transaction.timeout.ms", "60000")
@@ -109,22 +114,26 @@ impl Transactions {
             // within 2 ms of the markers (5 ms doubling to 50 ms: ~8 ms).
             .set("retry.backoff.ms", "2")
             .set("retry.backoff.max.ms", "2")
-            .set("queue.buffering.max.messages", "1000000")
-            .create()?;
+            .set("queue.buffering.max.messages", "1000000");
+        let thread = JobThread::start(format!("txn-{partition}")).await?;
+        let producer: BaseProducer<DefaultProducerContext> =
+            thread.run(move || config.create()).await??;
         let producer = Arc::new(producer);
         let p = producer.clone();
-        tokio::task::spawn_blocking(move || p.init_transactions(CALL_TIMEOUT))
+        thread
+            .run(move || p.init_transactions(CALL_TIMEOUT))
             .await?
             .map_err(|e| anyhow::anyhow!("init_transactions for {transactional_id}: {e}"))?;
         Ok(Transactions {
             producer,
+            thread,
             topics,
             partition,
         })
     }
 
     /// Writes `commit` in one transaction; how long the transaction took
-    /// (from its begin to its commit, on the blocking thread). Any error
+    /// (from its begin to its commit, on the transaction thread). Any error
     /// leaves nothing visible; the caller then gives the partition up (its
     /// in-memory state is ahead of what was committed) and the next owner
     /// restores from the changelog.
@@ -143,42 +152,45 @@ impl Transactions {
         if let (Some(next), Some(f)) = (commit.next_outcome_offset, &topics.feedback) {
             offsets.add_partition_offset(&f.outcomes, partition, Offset::Offset(next))?;
         }
-        tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            producer.begin_transaction()?;
-            let written = write_all(&producer, &topics, partition, &commit)
-                .and_then(|()| {
-                    if offsets.count() == 0 {
-                        return Ok(());
-                    }
-                    producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
-                })
-                .and_then(|()| wait_delivered(&producer, CALL_TIMEOUT))
-                .and_then(|()| producer.commit_transaction(CALL_TIMEOUT));
-            tracing::debug!(
-                micros = started.elapsed().as_micros() as u64,
-                results = commit.results.len(),
-                changes = commit.changes.len(),
-                "transaction"
-            );
-            if written.is_err() {
-                // Best effort: a fenced producer cannot abort, and need not.
-                let _ = producer.abort_transaction(CALL_TIMEOUT);
-            }
-            written.map(|()| started.elapsed())
-        })
-        .await?
-        .map_err(|e| anyhow::anyhow!("transaction of partition {partition}: {e}"))
+        self.thread
+            .run(move || {
+                let started = std::time::Instant::now();
+                producer.begin_transaction()?;
+                let written = write_all(&producer, &topics, partition, &commit)
+                    .and_then(|()| {
+                        if offsets.count() == 0 {
+                            return Ok(());
+                        }
+                        producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
+                    })
+                    .and_then(|()| wait_delivered(&producer, CALL_TIMEOUT))
+                    .and_then(|()| producer.commit_transaction(CALL_TIMEOUT));
+                tracing::debug!(
+                    micros = started.elapsed().as_micros() as u64,
+                    results = commit.results.len(),
+                    changes = commit.changes.len(),
+                    "transaction"
+                );
+                if written.is_err() {
+                    // Best effort: a fenced producer cannot abort, and need not.
+                    let _ = producer.abort_transaction(CALL_TIMEOUT);
+                }
+                written.map(|()| started.elapsed())
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("transaction of partition {partition}: {e}"))
     }
 
     /// Aborts an open transaction, if any (on fencing: nothing more is written).
     pub async fn abort_quietly(&self) {
         let producer = self.producer.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-            let _ = producer.abort_transaction(Duration::from_secs(5));
-        })
-        .await;
+        let _ = self
+            .thread
+            .run(move || {
+                producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+                let _ = producer.abort_transaction(Duration::from_secs(5));
+            })
+            .await;
     }
 }
 
