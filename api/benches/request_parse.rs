@@ -5,10 +5,10 @@
 //!
 //! `cargo bench -p matchfleet-api --bench request_parse`
 
-use std::hint::black_box;
-use std::time::Instant;
-
 use matchfleet_api::matching::{parse_request, MatchRequest, Preferences, Profile};
+
+#[path = "support/mod.rs"]
+mod support;
 
 /// The match worker's allocator: a request is seven allocations.
 #[global_allocator]
@@ -54,31 +54,8 @@ fn records() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Median ns per record over the rounds.
-fn time(records: &[Vec<u8>], read: impl Fn(&[u8]) -> MatchRequest) -> f64 {
-    let mut rounds: Vec<f64> = (0..ROUNDS)
-        .map(|_| {
-            let t = Instant::now();
-            for r in records {
-                black_box(read(black_box(r)));
-            }
-            t.elapsed().as_nanos() as f64 / records.len() as f64
-        })
-        .collect();
-    rounds.sort_by(f64::total_cmp);
-    rounds[ROUNDS / 2]
-}
-
 fn main() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let cpu = support::cpu_model();
     let records = records();
     let bytes: usize = records.iter().map(Vec::len).sum();
     println!("reading match requests, one thread");
@@ -87,10 +64,10 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         bytes / RECORDS
     );
-    let baseline = time(&records, |r| {
-        serde_json::from_slice(r).expect("serde_json reads the record")
+    let baseline = support::median_ns_per_item(&records, ROUNDS, |r| {
+        serde_json::from_slice::<MatchRequest>(r).expect("serde_json reads the record")
     });
-    let fast = time(&records, |r| {
+    let fast = support::median_ns_per_item(&records, ROUNDS, |r| {
         parse_request(None, Some(r), DIMENSION).expect("a valid record")
     });
     println!("                                   ns/record   records/s");

@@ -6,10 +6,10 @@
 //!
 //! `cargo bench -p matchfleet-api --bench result_write`
 
-use std::hint::black_box;
-use std::time::Instant;
-
 use matchfleet_api::matching::{ExpiryReason, MatchResult, MatchedUser};
+
+#[path = "support/mod.rs"]
+mod support;
 
 /// The match worker's allocator.
 #[global_allocator]
@@ -62,21 +62,6 @@ fn results() -> Vec<MatchResult> {
         .collect()
 }
 
-/// Median ns per result over the rounds.
-fn time(results: &[MatchResult], write: impl Fn(&MatchResult) -> Vec<u8>) -> f64 {
-    let mut rounds: Vec<f64> = (0..ROUNDS)
-        .map(|_| {
-            let t = Instant::now();
-            for r in results {
-                black_box(write(black_box(r)));
-            }
-            t.elapsed().as_nanos() as f64 / results.len() as f64
-        })
-        .collect();
-    rounds.sort_by(f64::total_cmp);
-    rounds[ROUNDS / 2]
-}
-
 fn fast(r: &MatchResult) -> Vec<u8> {
     let mut out = Vec::with_capacity(CAPACITY);
     r.write_json(&mut out);
@@ -84,15 +69,7 @@ fn fast(r: &MatchResult) -> Vec<u8> {
 }
 
 fn main() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let cpu = support::cpu_model();
     let results = results();
     let mut bytes = 0;
     for r in &results {
@@ -106,10 +83,10 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         bytes / RESULTS
     );
-    let baseline = time(&results, |r| {
+    let baseline = support::median_ns_per_item(&results, ROUNDS, |r| {
         serde_json::to_vec(r).expect("a result serialises")
     });
-    let written = time(&results, fast);
+    let written = support::median_ns_per_item(&results, ROUNDS, fast);
     println!("                                   ns/result   results/s");
     for (name, ns) in [
         ("baseline: serde_json::to_vec", baseline),
