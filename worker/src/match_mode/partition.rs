@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{error, info, warn, Instrument};
 
 use super::metrics::MatchMetrics;
-use super::priority::at_default;
+use super::priority::{at_default, JobThread};
 use super::restore;
 use super::scorers::score_http_windows;
 use super::txn::{Commit, OwnedLetter, Transactions};
@@ -122,24 +122,27 @@ impl MatchWorker {
             partition,
         )
         .await?;
+        // The restore's reads (and their consumers' librdkafka threads) at the
+        // process's priority, not the niced loops' (see `priority`).
+        let restorer = JobThread::start(format!("restore-{partition}")).await?;
         let (bootstrap, changelog) = (self.bootstrap.clone(), self.topics.changelog.clone());
-        let records = tokio::task::spawn_blocking(move || {
-            restore::read_partition(&bootstrap, &changelog, partition)
-        })
-        .await??;
+        let records = restorer
+            .run(move || restore::read_partition(&bootstrap, &changelog, partition))
+            .await??;
         MatchMetrics::add(&self.metrics.restored_records, records.len() as u64);
         let restored = records.len();
         let restoring = PartitionEngine::restore(partition, self.engine_config.clone(), records)
             .map_err(|e| anyhow::anyhow!("cannot restore partition {partition}'s state: {e}"))?;
         let (bootstrap, source) = (self.bootstrap.clone(), self.topics.source.clone());
         let dimension = self.engine_config.dimension();
-        let (mut engine, replayed) = tokio::task::spawn_blocking(move || {
-            restore::replay_pending(&bootstrap, &source, partition, dimension, restoring)
-        })
-        .await?
-        .map_err(|e| {
-            anyhow::anyhow!("cannot restore partition {partition}'s pending requests: {e}")
-        })?;
+        let (mut engine, replayed) = restorer
+            .run(move || {
+                restore::replay_pending(&bootstrap, &source, partition, dimension, restoring)
+            })
+            .await?
+            .map_err(|e| {
+                anyhow::anyhow!("cannot restore partition {partition}'s pending requests: {e}")
+            })?;
         MatchMetrics::add(&self.metrics.replayed_requests, replayed as u64);
         guard.set_counters(engine.counters());
         if !guard.valid() {

@@ -37,7 +37,7 @@ impl ClientContext for EndIsExpected {
 
 impl ConsumerContext for EndIsExpected {}
 
-/// Blocking: call from `spawn_blocking`.
+/// Blocking: call from a thread of its own (`priority::JobThread`).
 pub fn read_partition(
     bootstrap: &str,
     topic: &str,
@@ -59,8 +59,8 @@ pub fn read_partition(
 }
 
 /// Re-reads the pending requests `restoring` names from `topic[partition]`
-/// (the request topic) and finishes the restore. Blocking: call from
-/// `spawn_blocking`.
+/// (the request topic) and finishes the restore. Blocking: call from a
+/// thread of its own (`priority::JobThread`).
 pub fn replay_pending(
     bootstrap: &str,
     topic: &str,
