@@ -112,21 +112,17 @@ impl Feed {
 
     /// Records a committed result record (a `MatchResult` as JSON) and
     /// nudges its users; returns nudges sent. Only the fields it needs are
-    /// parsed: every worker reads every result of the pipeline, and parsing
+    /// read: every worker reads every result of the pipeline, and parsing
     /// whole results (an internally tagged enum, buffered by serde) cost ~5%
     /// of a loaded worker's core.
     pub fn publish(&self, record: &[u8]) -> u64 {
-        let Ok(view) = serde_json::from_slice::<FeedView<'_>>(record) else {
+        let Some((match_id, users)) = read_match(record) else {
             return 0;
         };
-        let (Some(match_id), "matched") = (view.match_id, view.kind.as_ref()) else {
-            return 0;
-        };
-        let users = view.users;
         let shared: Arc<[u8]> = Arc::from(record);
         if let Ok(mut recent) = self.recent.lock() {
             for u in &users {
-                recent.remember(&u.user, &shared);
+                recent.remember(u, &shared);
             }
         }
         let Ok(mut subs) = self.subscribers.lock() else {
@@ -134,20 +130,87 @@ impl Feed {
         };
         let mut sent = 0;
         for u in users {
-            if let Some(channels) = subs.get_mut(u.user.as_ref()) {
+            if let Some(channels) = subs.get_mut(u.as_ref()) {
                 let nudge = Nudge {
-                    user: u.user.to_string(),
+                    user: u.to_string(),
                     match_id: match_id.to_string(),
                 };
                 channels.retain(|tx| tx.send(nudge.clone()).is_ok());
                 sent += channels.len() as u64;
                 if channels.is_empty() {
-                    subs.remove(u.user.as_ref());
+                    subs.remove(u.as_ref());
                 }
             }
         }
         sent
     }
+}
+
+/// A match's id and its users' names from a result record; None for an
+/// expiry or a record that is not a result. Records in the layout the
+/// worker writes (`MatchResult::write_json`) without escapes are read in
+/// place; anything else goes through serde.
+fn read_match(record: &[u8]) -> Option<(Cow<'_, str>, Vec<Cow<'_, str>>)> {
+    match read_plain(record) {
+        Some(Some((id, [a, b]))) => Some((Cow::Borrowed(id), vec![a.into(), b.into()])),
+        Some(None) => None,
+        None => read_with_serde(record),
+    }
+}
+
+fn read_with_serde(record: &[u8]) -> Option<(Cow<'_, str>, Vec<Cow<'_, str>>)> {
+    let view = serde_json::from_slice::<FeedView<'_>>(record).ok()?;
+    match (view.match_id, view.kind.as_ref()) {
+        (Some(id), "matched") => Some((id, view.users.into_iter().map(|u| u.user).collect())),
+        _ => None,
+    }
+}
+
+const MATCHED_HEAD: &[u8] = br#"{"kind":"matched","matchId":""#;
+const EXPIRED_HEAD: &[u8] = br#"{"kind":"expired","#;
+const FIRST_USER: &[u8] = br#","users":[{"requestId":""#;
+const USER_NAME: &[u8] = br#","user":""#;
+const EVENT_TIME: &[u8] = br#","eventTime":"#;
+const SECOND_USER: &[u8] = br#"},{"requestId":""#;
+
+/// The write_json layout read in place: Some(Some(..)) a match, Some(None)
+/// an expiry, None anything else. Without a backslash no string holds a
+/// quote, so each quote ends a string and `"users":[` can only be the key.
+fn read_plain(record: &[u8]) -> Option<Option<(&str, [&str; 2])>> {
+    if record.contains(&b'\\') {
+        return None;
+    }
+    if record.starts_with(EXPIRED_HEAD) {
+        return Some(None);
+    }
+    let (match_id, rest) = string(record.strip_prefix(MATCHED_HEAD)?)?;
+    let at = rest
+        .windows(FIRST_USER.len())
+        .position(|w| w == FIRST_USER)?;
+    let (a, rest) = user(&rest[at + FIRST_USER.len()..])?;
+    let (b, rest) = user(skip_event_time(rest)?.strip_prefix(SECOND_USER)?)?;
+    skip_event_time(rest)?
+        .starts_with(b"}]")
+        .then_some(Some((match_id, [a, b])))
+}
+
+/// A user's name after the opening quote of its request id.
+fn user(b: &[u8]) -> Option<(&str, &[u8])> {
+    let (_request_id, rest) = string(b)?;
+    string(rest.strip_prefix(USER_NAME)?)
+}
+
+fn skip_event_time(b: &[u8]) -> Option<&[u8]> {
+    let b = b.strip_prefix(EVENT_TIME)?;
+    let b = b.strip_prefix(b"-").unwrap_or(b);
+    let digits = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    (digits > 0).then_some(&b[digits..])
+}
+
+/// The text up to the next quote, and what follows that quote.
+fn string(b: &[u8]) -> Option<(&str, &[u8])> {
+    let end = b.iter().position(|&c| c == b'"')?;
+    Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
 }
 
 /// What the feed reads of a result record (`MatchResult`'s JSON): a plain
@@ -229,7 +292,90 @@ pub async fn tail(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use matchfleet_api::matching::MatchedUser;
+    use matchfleet_api::matching::{ExpiryReason, MatchedUser};
+    use proptest::prelude::*;
+
+    /// Ids and names: mostly plain, sometimes with quotes, backslashes,
+    /// control characters or other Unicode.
+    fn arb_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-z0-9-]{0,12}",
+            1 => prop::collection::vec(
+                prop_oneof![
+                    any::<char>(),
+                    prop::sample::select(vec!['"', '\\', '\n', '\u{1}', ':', ',', '{', '}', '[', ']']),
+                ],
+                0..8,
+            )
+            .prop_map(|c| c.into_iter().collect()),
+        ]
+    }
+
+    fn arb_result() -> impl Strategy<Value = MatchResult> {
+        let user = || {
+            (arb_text(), arb_text(), any::<i64>()).prop_map(|(request_id, user, event_time)| {
+                MatchedUser {
+                    request_id,
+                    user,
+                    event_time,
+                }
+            })
+        };
+        let matched = (
+            arb_text(),
+            arb_text(),
+            arb_text(),
+            any::<f32>(),
+            user(),
+            user(),
+            any::<i64>(),
+        )
+            .prop_map(
+                |(match_id, segment, scorer, score, a, b, t)| MatchResult::Matched {
+                    match_id,
+                    segment,
+                    window_start: t,
+                    window_end: t.wrapping_add(1000),
+                    partition: 3,
+                    scorer,
+                    score,
+                    users: [a, b],
+                    closed_at: t,
+                },
+            );
+        let expired = (arb_text(), arb_text(), any::<i64>()).prop_map(|(request_id, user, t)| {
+            MatchResult::Expired {
+                request_id,
+                segment: user.clone(),
+                user,
+                partition: 1,
+                event_time: t,
+                windows: 5,
+                reason: ExpiryReason::NoPartner,
+                closed_at: t,
+            }
+        });
+        prop_oneof![matched, expired]
+    }
+
+    proptest! {
+        #[test]
+        fn records_read_in_place_read_as_serde_reads_them(r in arb_result()) {
+            let mut record = Vec::new();
+            r.write_json(&mut record);
+            let plain = read_plain(&record);
+            // Without an escape the in-place reader always answers.
+            prop_assert_eq!(plain.is_some(), !record.contains(&b'\\'));
+            prop_assert_eq!(read_match(&record), read_with_serde(&record));
+            if let MatchResult::Matched { match_id, users, .. } = &r {
+                let (id, names) = read_match(&record).expect("a match is read");
+                prop_assert_eq!(id.as_ref(), match_id.as_str());
+                prop_assert_eq!(names, vec![users[0].user.as_str(), users[1].user.as_str()]);
+            } else {
+                prop_assert!(read_match(&record).is_none());
+            }
+        }
+    }
 
     fn record(r: MatchResult) -> Vec<u8> {
         serde_json::to_vec(&r).unwrap()
