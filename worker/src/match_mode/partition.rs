@@ -143,6 +143,8 @@ impl MatchWorker {
             .map_err(|e| {
                 anyhow::anyhow!("cannot restore partition {partition}'s pending requests: {e}")
             })?;
+        // Its thread ends here rather than idling for the partition's lifetime.
+        drop(restorer);
         MatchMetrics::add(&self.metrics.replayed_requests, replayed as u64);
         guard.set_counters(engine.counters());
         if !guard.valid() {
